@@ -1,0 +1,190 @@
+"""Series assembly: which series are complete, and which models want them.
+
+A series is complete when no instance arrived for ``stable_age_s``. The timer lives in the
+``series`` table (``last_instance_at``), so a restart resumes it instead of forgetting it. A late
+instance re-opens a completed series with ``revision + 1``; its new jobs supersede the old ones
+and its result is re-published under the same ``result_id`` with the higher revision.
+
+Takes: ``Instance`` notifications (from the listener, via the service) and model specs.
+Returns: ``Series`` objects that are due, each with the model names that want it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+from agent.db import transaction
+from agent.log import log_event
+from agent.modelspec import ModelSpec
+from agent.types import Instance
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    body_part TEXT NOT NULL DEFAULT '',
+    n_instances INTEGER NOT NULL DEFAULT 0,
+    first_instance_at REAL NOT NULL,
+    last_instance_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    revision INTEGER NOT NULL DEFAULT 1,
+    completed_at REAL,
+    models TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS series_state ON series(state, last_instance_at);
+"""
+
+
+class SeriesState(str, enum.Enum):
+    OPEN = "open"  # instances still arriving (or not quiet for stable_age_s yet)
+    COMPLETE = "complete"  # quiet; jobs created for the models that want it
+    UNROUTED = "unrouted"  # quiet; no model wants it (aged out of the spool later)
+
+
+@dataclass(frozen=True)
+class DueSeries:
+    """A series that just became complete, with the models routing picked for it."""
+
+    study_uid: str
+    series_uid: str
+    modality: str
+    revision: int
+    n_instances: int
+    models: tuple[str, ...]
+
+
+class SeriesAssembler:
+    """Tracks series in SQLite and decides when each one is complete and for which models."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        specs: Sequence[ModelSpec],
+        stable_age_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.conn = conn
+        self.specs = list(specs)
+        self.stable_age_s = stable_age_s
+        self.clock = clock
+        conn.executescript(SCHEMA)
+
+    def note_instance(self, inst: Instance) -> bool:
+        """Record a newly stored instance; returns True when it re-opened a completed series."""
+        now = self.clock()
+        with transaction(self.conn) as c:
+            row = c.execute(
+                "SELECT state, revision FROM series WHERE series_uid = ?", (inst.series_uid,)
+            ).fetchone()
+            if row is None:
+                c.execute(
+                    "INSERT INTO series (series_uid, study_uid, modality, description, body_part,"
+                    " n_instances, first_instance_at, last_instance_at, state, revision)"
+                    " VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, 1)",
+                    (inst.series_uid, inst.study_uid, inst.modality, inst.series_description,
+                     inst.body_part, now, now, SeriesState.OPEN.value),
+                )
+                return False
+            reopened = row["state"] != SeriesState.OPEN.value
+            c.execute(
+                "UPDATE series SET n_instances = n_instances + 1, last_instance_at = ?,"
+                " state = ?, revision = revision + ? WHERE series_uid = ?",
+                (now, SeriesState.OPEN.value, 1 if reopened else 0, inst.series_uid),
+            )
+        if reopened:
+            log_event(log, "series.reopened", series_uid=inst.series_uid, revision=row["revision"] + 1)
+        return reopened
+
+    def reconcile(self, counts: Iterable[tuple[str, str, str, str, str, int, float]]) -> int:
+        """Bring the table in line with the spool after a crash.
+
+        ``counts`` yields (series_uid, study_uid, modality, description, body_part, n_instances,
+        last_received_at) as the spool sees it. A series the spool has but the table lacks (a
+        crash between the spool's commit and ours), or with more instances than recorded, is
+        (re-)opened so it gets inferred. Returns the number of series fixed.
+        """
+        fixed = 0
+        for series_uid, study_uid, modality, desc, body, n, last in counts:
+            with transaction(self.conn) as c:
+                row = c.execute(
+                    "SELECT n_instances, state FROM series WHERE series_uid = ?", (series_uid,)
+                ).fetchone()
+                if row is None:
+                    c.execute(
+                        "INSERT INTO series (series_uid, study_uid, modality, description, body_part,"
+                        " n_instances, first_instance_at, last_instance_at, state, revision)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+                        (series_uid, study_uid, modality, desc, body, n, last, last,
+                         SeriesState.OPEN.value),
+                    )
+                    fixed += 1
+                elif row["n_instances"] < n:
+                    reopen = row["state"] != SeriesState.OPEN.value
+                    c.execute(
+                        "UPDATE series SET n_instances = ?, last_instance_at = MAX(last_instance_at, ?),"
+                        " state = ?, revision = revision + ? WHERE series_uid = ?",
+                        (n, last, SeriesState.OPEN.value, 1 if reopen else 0, series_uid),
+                    )
+                    fixed += 1
+        if fixed:
+            log_event(log, "series.reconciled", count=fixed)
+        return fixed
+
+    def route(self, modality: str, body_part: str, description: str, n: int) -> tuple[str, ...]:
+        """Names of the models whose routing rules accept a series with these attributes."""
+        return tuple(s.name for s in self.specs if s.accepts(modality, body_part, description, n))
+
+    def pop_due(self) -> list[DueSeries]:
+        """Mark every series quiet for ``stable_age_s`` as complete (or unrouted) and return it."""
+        cutoff = self.clock() - self.stable_age_s
+        due: list[DueSeries] = []
+        rows = self.conn.execute(
+            "SELECT * FROM series WHERE state = ? AND last_instance_at <= ? ORDER BY last_instance_at",
+            (SeriesState.OPEN.value, cutoff),
+        ).fetchall()
+        for row in rows:
+            models = self.route(row["modality"], row["body_part"], row["description"], row["n_instances"])
+            state = SeriesState.COMPLETE if models else SeriesState.UNROUTED
+            with transaction(self.conn) as c:
+                # guarded by the old timestamp: an instance that arrived meanwhile keeps it open
+                cur = c.execute(
+                    "UPDATE series SET state = ?, completed_at = ?, models = ?"
+                    " WHERE series_uid = ? AND state = ? AND last_instance_at = ?",
+                    (state.value, self.clock(), ",".join(models), row["series_uid"],
+                     SeriesState.OPEN.value, row["last_instance_at"]),
+                )
+            if cur.rowcount != 1:
+                continue
+            log_event(log, "series.complete" if models else "series.unrouted",
+                      series_uid=row["series_uid"], instances=row["n_instances"],
+                      revision=row["revision"], models=",".join(models) or "-")
+            due.append(DueSeries(row["study_uid"], row["series_uid"], row["modality"],
+                                 row["revision"], row["n_instances"], models))
+        return due
+
+    def state(self, series_uid: str) -> SeriesState | None:
+        row = self.conn.execute("SELECT state FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+        return None if row is None else SeriesState(row["state"])
+
+    def series_row(self, series_uid: str) -> sqlite3.Row | None:
+        return self.conn.execute("SELECT * FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+
+    def expired_unrouted(self, older_than_s: float) -> list[str]:
+        """Unrouted series completed more than ``older_than_s`` ago (for the spool janitor)."""
+        rows = self.conn.execute(
+            "SELECT series_uid FROM series WHERE state = ? AND completed_at <= ?",
+            (SeriesState.UNROUTED.value, self.clock() - older_than_s),
+        ).fetchall()
+        return [r["series_uid"] for r in rows]
+
+    def forget(self, series_uid: str) -> None:
+        self.conn.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))

@@ -1,0 +1,45 @@
+"""SQLite connection helper shared by the stages that keep durable state.
+
+Each stage owns its own tables in the one state database (``CREATE TABLE IF NOT EXISTS`` in its
+own module); this module only opens connections the same way everywhere: WAL journal so readers
+never block the writer, ``synchronous=FULL`` so a committed row survives power loss, and a busy
+timeout so the listener, assembler and outbox can share the file across threads and processes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+
+def connect(path: Path | str) -> sqlite3.Connection:
+    """Open the state database with the project's durability settings.
+
+    The connection is in autocommit mode (``isolation_level=None``); use ``with transaction(conn)``
+    for multi-statement writes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+class transaction:
+    """``with transaction(conn):`` runs the block in BEGIN IMMEDIATE ... COMMIT (or ROLLBACK)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")

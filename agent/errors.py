@@ -1,0 +1,87 @@
+"""Domain exceptions of edge-agent.
+
+Every failure that crosses a stage boundary is one of these; third-party errors are translated
+where they happen (``raise BackendError(...) from exc``) so the edges (CLI exit codes, DICOM
+status codes, MQTT ``events``) can map them without knowing which library raised::
+
+    EdgeAgentError
+    ├── ConfigError            invalid configuration (names the offending key)
+    ├── ModelSpecError         a model.toml that does not validate
+    ├── DicomError             a DICOM object we cannot accept
+    │   ├── MalformedDicomError    unreadable / missing required attributes  -> 0xC210
+    │   └── UnsupportedDicomError  SOP class or transfer syntax we cannot decode -> 0xC211
+    ├── StorageError           spool / database problems
+    │   └── OutOfSpaceError        free space below the floor               -> 0xA700
+    ├── VolumeError            instances of a series that do not form one volume
+    ├── PreprocessError        a volume the model's input spec cannot take
+    ├── BackendError           an inference backend failed to load or run
+    │   ├── BackendUnavailableError  its optional package is not installed
+    │   └── InferenceTimeoutError    a job ran past its time limit
+    ├── PublishError           MQTT publishing problems
+    └── RegistryError          model registry: signature, digest, download, install
+"""
+
+from __future__ import annotations
+
+
+class EdgeAgentError(Exception):
+    """Base class of every error edge-agent raises on purpose."""
+
+
+class ConfigError(EdgeAgentError):
+    """Configuration is invalid; the message names the key and why."""
+
+
+class ModelSpecError(EdgeAgentError):
+    """A model.toml does not validate."""
+
+
+class DicomError(EdgeAgentError):
+    """A DICOM object cannot be accepted."""
+
+    #: DIMSE status code the C-STORE handler answers with.
+    status: int = 0xC000
+
+
+class MalformedDicomError(DicomError):
+    status = 0xC210
+
+
+class UnsupportedDicomError(DicomError):
+    status = 0xC211
+
+
+class StorageError(EdgeAgentError):
+    status: int = 0xA700 + 0x01  # 0xA701: generic refused, out of resources
+
+
+class OutOfSpaceError(StorageError):
+    status = 0xA700
+
+
+class VolumeError(EdgeAgentError):
+    """Instances of one series do not form a consistent volume."""
+
+
+class PreprocessError(EdgeAgentError):
+    """A volume cannot be turned into the model's input."""
+
+
+class BackendError(EdgeAgentError):
+    """An inference backend failed to load or run."""
+
+
+class BackendUnavailableError(BackendError):
+    """The backend's optional package is missing on this device."""
+
+
+class InferenceTimeoutError(BackendError):
+    """A job ran past its time limit and was killed."""
+
+
+class PublishError(EdgeAgentError):
+    """MQTT publishing failed."""
+
+
+class RegistryError(EdgeAgentError):
+    """Model registry: bad signature, digest mismatch, failed download or install."""

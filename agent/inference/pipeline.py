@@ -1,0 +1,152 @@
+"""One series through one model: load -> preprocess -> inference -> postprocess -> ``Prediction``.
+
+Runs inside the inference worker (``runner.py``) and in ``deploy``'s evaluator, which also wants
+the label map and raw logits to compare variants (``run_model_detailed``). Pure orchestration:
+the pixel work is ``agent.imaging`` (numpy/scipy), the model call is a loaded ``Backend``.
+
+Stages and their ``timings_ms`` keys:
+    load         ``load_series``: DICOM files -> ``Volume`` (source grid, HU for CT)
+    preprocess   ``prepare``: resample / normalise to the model's input space, (C, *spatial)
+    inference    3D: sliding-window over ``patch_size`` with ``overlap``; 2D: one batch
+    postprocess  segmentation: argmax in model space -> back to the source grid -> per-label stats
+                 (volumes use the SOURCE spacing); classification: softmax -> label, confidence
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from agent.errors import BackendError
+from agent.imaging.postprocess import classification_outputs, segmentation_outputs
+from agent.imaging.preprocess import prepare, restore_label_map
+from agent.imaging.sliding_window import sliding_window_inference
+from agent.imaging.volume import load_series
+from agent.inference.base import Backend
+from agent.modelspec import ModelSpec
+from agent.types import ModelRef, Outputs, Prediction
+
+
+class ModelRun(NamedTuple):
+    """``run_model_detailed``'s result (a tuple: ``prediction, label_map, logits = ...``).
+
+    ``label_map``: segmentation only, uint8 (z, y, x) on the source grid, after the spec's
+    largest-component filter, i.e. the map the published statistics describe; None for
+    classification. ``logits``: segmentation (K, *model-space spatial) float32; classification (K,).
+    """
+
+    prediction: Prediction
+    label_map: np.ndarray | None
+    logits: np.ndarray
+
+
+def run_model(
+    series_paths: Sequence[Path],
+    spec: ModelSpec,
+    backend: Backend,
+    model_ref: ModelRef,
+    *,
+    sw_batch_size: int = 1,
+) -> Prediction:
+    """Run one series (its DICOM files) through a loaded backend; return the ``Prediction``.
+
+    Raises VolumeError / PreprocessError (from imaging) for series the model cannot take, and
+    BackendError when the backend fails or its outputs are non-finite or of the wrong shape.
+    """
+    return run_model_detailed(series_paths, spec, backend, model_ref, sw_batch_size=sw_batch_size).prediction
+
+
+def run_model_detailed(
+    series_paths: Sequence[Path],
+    spec: ModelSpec,
+    backend: Backend,
+    model_ref: ModelRef,
+    *,
+    sw_batch_size: int = 1,
+) -> ModelRun:
+    """Like ``run_model``, also returning the label map and logits (see ``ModelRun``).
+
+    ``sw_batch_size``: patches per backend call in the 3D sliding window.
+    """
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round((now - clock) * 1000.0, 1)
+        clock = now
+
+    volume = load_series(list(series_paths))
+    lap("load")
+    prepared = prepare(volume, spec.input)
+    image = np.asarray(prepared.array, dtype=np.float32)
+    lap("preprocess")
+
+    n_classes = len(spec.labels)
+    predict = _checked(backend, n_classes)
+    dims = spec.input.dims
+    if dims == 3:
+        if image.ndim != 4:
+            raise BackendError(f"3D model: preprocessed image has shape {image.shape}, expected (C, Z, Y, X)")
+        assert spec.input.patch_size is not None  # ModelSpec validates this for 3D models
+        logits = sliding_window_inference(
+            image, spec.input.patch_size, spec.input.overlap, predict, batch_size=sw_batch_size
+        )
+        logits = np.asarray(logits, dtype=np.float32)
+    else:
+        if image.ndim != 3:
+            raise BackendError(f"2D model: preprocessed image has shape {image.shape}, expected (C, Y, X)")
+        out = predict(image[None])  # a batch of one slice
+        if spec.task == "classification" and out.ndim != 2:
+            raise BackendError(f"classifier output has shape {out.shape}, expected (1, {n_classes})")
+        logits = out[0]  # classification (K,); 2D segmentation (K, Y, X)
+    if not np.isfinite(logits).all():  # the sliding window's blending could in principle produce them
+        raise BackendError("non-finite outputs (NaN/Inf) after inference")
+    lap("inference")
+
+    outputs: Outputs
+    label_map: np.ndarray | None = None
+    if spec.task == "segmentation":
+        if logits.shape[0] != n_classes:
+            raise BackendError(
+                f"model produced {logits.shape[0]} channels, the spec lists {n_classes} labels"
+            )
+        if n_classes > 256:
+            raise BackendError(f"{n_classes} labels do not fit the uint8 label map (at most 256)")
+        model_space = np.argmax(logits, axis=0).astype(np.uint8)
+        source = restore_label_map(model_space, prepared.geometry)
+        outputs, label_map = segmentation_outputs(
+            source, spec.labels, volume.spacing, keep_largest=spec.output.largest_component
+        )
+    else:
+        outputs = classification_outputs(logits, spec.labels)
+    lap("postprocess")
+    return ModelRun(
+        Prediction(model=model_ref, task=spec.task, outputs=outputs, timings_ms=timings), label_map, logits
+    )
+
+
+def _checked(backend: Backend, n_classes: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``backend.run`` that rejects non-finite outputs and a wrong class count per call, so a bad
+    patch fails the job at once instead of being blended into the volume."""
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        out = np.asarray(backend.run(np.ascontiguousarray(batch, dtype=np.float32)), dtype=np.float32)
+        if out.ndim < 2 or out.shape[0] != batch.shape[0] or out.shape[1] != n_classes:
+            raise BackendError(
+                f"model output has shape {out.shape} for input {batch.shape}; expected "
+                f"(N={batch.shape[0]}, K={n_classes}, ...) with K the number of labels in model.toml"
+            )
+        if not np.isfinite(out).all():
+            raise BackendError(
+                f"non-finite outputs from {getattr(backend, 'name', type(backend).__name__)}: "
+                f"{int(np.isnan(out).sum())} NaN, {int(np.isinf(out).sum())} Inf values"
+            )
+        return out
+
+    return predict

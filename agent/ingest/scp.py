@@ -1,0 +1,502 @@
+"""The DICOM listener: a pynetdicom Storage + Verification SCP in front of the spool.
+
+Small handler functions are bound to pynetdicom events with their dependencies passed as handler
+arguments (pynetdicom's own style)::
+
+    (evt.EVT_C_STORE, handle_store, [spool, state])
+
+``handle_store`` only writes the bytes the peer sent to the spool and answers a status; decoding,
+assembly and inference happen elsewhere, so a slow or crashing model never stops reception.
+
+C-STORE statuses (the peer sees these):
+
+====== ================================================================ =========================
+status meaning                                                          event (``on_event``)
+====== ================================================================ =========================
+0x0000 stored durably and journaled (or a duplicate of a stored one)    ``on_instance`` (new only)
+0xA700 free space below ``storage.min_free_mb`` (nothing kept)           ``dicom.rejected`` error
+0xA701 other spool / journal failure (nothing acknowledged)              ``dicom.rejected`` error
+0xC210 malformed: unparseable, required UID missing, image w/o pixels    ``instance.quarantined``
+0xC211 SOP class not accepted by this listener                            ``dicom.rejected``
+0xC001 unexpected exception in the handler (logged with traceback)      ``dicom.rejected`` error
+====== ================================================================ =========================
+
+Associations are refused with A-ASSOCIATE-RJ (rejected-permanent, service-user) when the called
+AE title is not ours (reason 7) or the calling AE title / address is not in ``allowed_callers``
+(reason 3); an ``association.rejected`` event says which. ``on_instance`` is called once per newly
+stored instance, never for duplicates, in the association's thread: keep it quick (queue work).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from socket import socket as Socket
+from typing import Any
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.events import Event as PynetdicomEvent
+from pynetdicom.transport import ThreadedAssociationServer
+
+from agent.config import DicomConfig, TlsConfig
+from agent.errors import (
+    ConfigError,
+    MalformedDicomError,
+    OutOfSpaceError,
+    StorageError,
+    UnsupportedDicomError,
+)
+from agent.ingest.sopclasses import TRANSFER_SYNTAXES, VERIFICATION, unique
+from agent.ingest.spool import QuarantinedError, Spool
+from agent.log import log_event
+from agent.types import Event, Instance
+
+__all__ = [
+    "DicomListener",
+    "ListenerState",
+    "handle_close",
+    "handle_echo",
+    "handle_open",
+    "handle_rejected",
+    "handle_requested",
+    "handle_store",
+    "parse_allowed_callers",
+    "server_ssl_context",
+]
+
+logger = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_UNSUPPORTED = 0xC211
+STATUS_PROCESSING_FAILURE = 0xC001
+
+# A-ASSOCIATE-RJ parameters (PS3.8 9.3.4): rejected-permanent, DUL service-user
+_RJ_PERMANENT = 0x01
+_RJ_SERVICE_USER = 0x01
+_RJ_CALLING_AE_NOT_RECOGNISED = 0x03
+
+
+@dataclass
+class _Counts:
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+
+
+@dataclass
+class ListenerState:
+    """What the handlers share: accepted SOP classes, caller rules, callbacks, per-association counts."""
+
+    sop_classes: frozenset[str]
+    allowed: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network | None]]
+    on_instance: Callable[[Instance], None]
+    on_event: Callable[[Event], None]
+    socket_timeout: float | None
+    counts: dict[int, _Counts] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, assoc: Any) -> _Counts:
+        with self.lock:
+            return self.counts.setdefault(id(assoc), _Counts())
+
+    def pop_counts(self, assoc: Any) -> _Counts | None:
+        with self.lock:
+            return self.counts.pop(id(assoc), None)
+
+    def emit(self, event: Event) -> None:
+        """Hand an event to the service; an observer's failure never changes the DICOM answer."""
+        try:
+            self.on_event(event)
+        except Exception:  # noqa: BLE001 - observer errors must not reach pynetdicom
+            logger.exception("on_event.failed", extra={"ea_fields": {"kind": event.kind}})
+
+    def instance(self, instance: Instance) -> None:
+        """Hand a newly stored instance to the service (already durable: Success regardless)."""
+        try:
+            self.on_instance(instance)
+        except Exception:  # noqa: BLE001 - the instance is journaled; the assembler can recover it
+            logger.exception(
+                "on_instance.failed", extra={"ea_fields": {"sop_instance_uid": instance.sop_instance_uid}}
+            )
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def handle_open(event: PynetdicomEvent, state: ListenerState) -> None:
+    """EVT_CONN_OPEN: give the accepted socket a timeout.
+
+    Python's ``accept()`` returns a blocking socket without timeout even when the listening socket
+    has one, so a peer that stalls in the middle of a PDU would hold its association (and a
+    ``maximum_associations`` slot) forever. With a timeout pynetdicom's DUL sees an OSError and
+    closes the connection.
+    """
+    if state.socket_timeout is None:
+        return
+    try:
+        sock: Socket | None = event.assoc.dul.socket.socket
+    except AttributeError:
+        sock = None
+    if sock is not None:
+        sock.settimeout(state.socket_timeout)
+
+
+def handle_requested(event: PynetdicomEvent, state: ListenerState) -> None:
+    """EVT_REQUESTED: reject a calling AE title / address not in ``allowed_callers``.
+
+    pynetdicom's ``require_calling_aet`` checks the AE title alone; ``AET@IP`` entries need the
+    peer address, which only this event offers before negotiation.
+    """
+    if not state.allowed:
+        return
+    assoc = event.assoc
+    calling = str(assoc.requestor.primitive.calling_ae_title or "").strip()
+    peer = _peer_address(assoc)
+    rules = state.allowed.get(calling)
+    if rules is None:
+        reason = "calling AE title not recognised"
+    elif _address_allowed(peer, rules):
+        return
+    else:
+        reason = "calling AE title not allowed from this address"
+    assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SERVICE_USER, _RJ_CALLING_AE_NOT_RECOGNISED)
+    # pynetdicom skips negotiation after a reject sent here but does not stop the DUL thread itself
+    # (its own rejection path calls kill()); without this each refused peer leaks a thread.
+    assoc.kill()
+    _association_rejected(state, calling_ae=calling, peer=peer, reason=reason,
+                          result=_RJ_PERMANENT, source=_RJ_SERVICE_USER,
+                          diagnostic=_RJ_CALLING_AE_NOT_RECOGNISED)
+
+
+def handle_rejected(event: PynetdicomEvent, state: ListenerState) -> None:
+    """EVT_REJECTED: report rejections pynetdicom made itself (called AE title, too many associations)."""
+    assoc = event.assoc
+    rj = assoc.acceptor.primitive
+    calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "").strip()
+    _association_rejected(
+        state,
+        calling_ae=calling,
+        peer=_peer_address(assoc),
+        reason=str(rj.reason_str).lower() if rj is not None else "rejected",
+        result=getattr(rj, "result", None),
+        source=getattr(rj, "result_source", None),
+        diagnostic=getattr(rj, "diagnostic", None),
+    )
+
+
+def handle_echo(event: PynetdicomEvent) -> int:
+    """EVT_C_ECHO: answer Success (the listener is up)."""
+    log_event(logger, "dicom.echo", logging.DEBUG, calling_ae=_calling_ae(event))
+    return STATUS_SUCCESS
+
+
+def handle_store(event: PynetdicomEvent, spool: Spool, state: ListenerState) -> int:
+    """EVT_C_STORE: write the data set as received to the spool; return the C-STORE status.
+
+    Success only after the spool has fsynced the file and committed its journal row.
+    """
+    calling_ae = _calling_ae(event)
+    counts = state.count(event.assoc)
+    command_uid = str(event.request.AffectedSOPInstanceUID or "")
+    try:
+        chunked_path = event.dataset_path  # set only when pynetdicom streamed the data set to a file
+        if chunked_path is not None:
+            instance, created = spool.store_file(chunked_path, calling_ae=calling_ae, sop_classes=state.sop_classes)
+        else:
+            # the data set bytes exactly as the peer encoded them, behind a file meta header
+            instance, created = spool.store_bytes(
+                event.encoded_dataset(include_meta=True), calling_ae=calling_ae, sop_classes=state.sop_classes
+            )
+    except OutOfSpaceError as exc:
+        return _refuse(state, counts, "dicom.rejected", "error", exc.status, str(exc), command_uid, calling_ae)
+    except QuarantinedError as exc:
+        return _refuse(state, counts, "instance.quarantined", "warning", exc.status, exc.reason,
+                       exc.sop_instance_uid or command_uid, calling_ae, quarantine_id=exc.quarantine_id)
+    except (MalformedDicomError, UnsupportedDicomError) as exc:
+        return _refuse(state, counts, "dicom.rejected", "warning", exc.status, str(exc), command_uid, calling_ae)
+    except StorageError as exc:
+        return _refuse(state, counts, "dicom.rejected", "error", exc.status, str(exc), command_uid, calling_ae)
+    except Exception as exc:  # noqa: BLE001 - answer 0xC001 and keep serving
+        logger.exception(
+            "store.failed",
+            extra={"ea_fields": {"sop_instance_uid": command_uid, "calling_ae": calling_ae}},
+        )
+        # the event carries the exception type only: messages of third-party errors may quote data
+        return _refuse(state, counts, "dicom.rejected", "error", STATUS_PROCESSING_FAILURE,
+                       f"internal error ({type(exc).__name__})", command_uid, calling_ae, log=False)
+
+    if created:
+        counts.stored += 1
+        log_event(logger, "instance.stored", logging.DEBUG, sop_instance_uid=instance.sop_instance_uid,
+                  series_uid=instance.series_uid, transfer_syntax=instance.transfer_syntax,
+                  size=instance.size, calling_ae=calling_ae)
+        state.instance(instance)
+    else:
+        counts.duplicates += 1
+        log_event(logger, "instance.duplicate", logging.DEBUG, sop_instance_uid=instance.sop_instance_uid,
+                  calling_ae=calling_ae)
+    return STATUS_SUCCESS
+
+
+def handle_close(event: PynetdicomEvent, state: ListenerState) -> None:
+    """EVT_CONN_CLOSE: one summary line per association (counts, not one line per instance)."""
+    counts = state.pop_counts(event.assoc)
+    if counts is None:
+        return  # no C-STORE on this connection (echo, rejected association)
+    log_event(logger, "association.closed", calling_ae=_calling_ae(event), stored=counts.stored,
+              duplicates=counts.duplicates, failed=counts.failed)
+
+
+# --------------------------------------------------------------------------- listener
+
+
+class DicomListener:
+    """Storage SCP for ``sop_classes`` (plus Verification) on ``cfg.bind:cfg.port``.
+
+    ``start()`` returns the bound port (``cfg.port == 0`` picks a free one); ``stop()`` aborts
+    open associations and closes the socket. With ``chunked_receive=True`` pynetdicom streams
+    each data set to a temp file instead of memory (``_config.STORE_RECV_CHUNKED_DATASET``,
+    process-wide while the listener runs; the file lands in ``$TMPDIR``: point that at the
+    spool's filesystem so it is hard-linked, not copied).
+    """
+
+    def __init__(
+        self,
+        cfg: DicomConfig,
+        spool: Spool,
+        sop_classes: Sequence[str],
+        on_instance: Callable[[Instance], None],
+        on_event: Callable[[Event], None],
+        *,
+        chunked_receive: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.sop_classes = tuple(u for u in unique(sop_classes) if u != VERIFICATION)
+        if not self.sop_classes:
+            raise ConfigError("dicom: the listener needs at least one storage SOP class")
+        self.chunked_receive = chunked_receive
+        self.state = ListenerState(
+            sop_classes=frozenset(self.sop_classes),
+            allowed=parse_allowed_callers(cfg.allowed_callers),
+            on_instance=on_instance,
+            on_event=on_event,
+            socket_timeout=cfg.network_timeout_s,
+        )
+        # built now so a bad certificate path fails at construction, not at the first peer
+        self._ssl_context = server_ssl_context(cfg.tls, handshake_timeout=cfg.acse_timeout_s) if cfg.tls.enabled else None
+        self._ae: AE | None = None
+        self._server: ThreadedAssociationServer | None = None
+        self._saved_chunked: bool | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (after ``start()``)."""
+        if self._server is None:
+            raise RuntimeError("listener not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def start(self) -> int:
+        """Start serving in background threads; returns the bound port."""
+        if self._server is not None:
+            return self.port
+        cfg = self.cfg
+        ae = AE(ae_title=cfg.ae_title)
+        ae.require_called_aet = True
+        # pynetdicom checks the bare titles; AET@IP rules are enforced in handle_requested
+        ae.require_calling_aet = sorted(self.state.allowed)
+        ae.maximum_associations = cfg.max_associations
+        ae.maximum_pdu_size = cfg.max_pdu
+        ae.acse_timeout = cfg.acse_timeout_s
+        ae.dimse_timeout = cfg.dimse_timeout_s
+        ae.network_timeout = cfg.network_timeout_s
+        ae.add_supported_context(VERIFICATION, list(TRANSFER_SYNTAXES[:3]))
+        for uid in self.sop_classes:
+            ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, handle_open, [self.state]),
+            (evt.EVT_REQUESTED, handle_requested, [self.state]),
+            (evt.EVT_REJECTED, handle_rejected, [self.state]),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, handle_store, [self.spool, self.state]),
+            (evt.EVT_CONN_CLOSE, handle_close, [self.state]),
+        ]
+        if self.chunked_receive:
+            self._saved_chunked = _config.STORE_RECV_CHUNKED_DATASET
+            _config.STORE_RECV_CHUNKED_DATASET = True
+        try:
+            server = ae.start_server(
+                (cfg.bind, cfg.port), block=False, evt_handlers=handlers, ssl_context=self._ssl_context
+            )
+        except OSError as exc:
+            self._restore_chunked()
+            raise ConfigError(f"dicom.port: cannot listen on {cfg.bind}:{cfg.port}: {exc.strerror}") from exc
+        assert server is not None  # block=False always returns the server
+        self._ae, self._server = ae, server
+        if not self.state.allowed:
+            log_event(logger, "listener.open_to_any_caller", logging.WARNING,
+                      hint="set dicom.allowed_callers to restrict calling AE titles")
+        log_event(logger, "listener.started", ae_title=cfg.ae_title, bind=cfg.bind, port=self.port,
+                  tls=bool(self._ssl_context), sop_classes=len(self.sop_classes),
+                  transfer_syntaxes=len(TRANSFER_SYNTAXES), max_associations=cfg.max_associations)
+        return self.port
+
+    def stop(self) -> None:
+        """Stop accepting, abort open associations, close the socket. Idempotent."""
+        server, ae = self._server, self._ae
+        self._server = self._ae = None
+        if server is not None:
+            server.shutdown()
+        if ae is not None:
+            ae.shutdown()
+        self._restore_chunked()
+        if server is not None:
+            log_event(logger, "listener.stopped", ae_title=self.cfg.ae_title)
+
+    def _restore_chunked(self) -> None:
+        if self._saved_chunked is not None:
+            _config.STORE_RECV_CHUNKED_DATASET = self._saved_chunked
+            self._saved_chunked = None
+
+    def __enter__(self) -> DicomListener:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def parse_allowed_callers(
+    entries: Sequence[str],
+) -> dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network | None]]:
+    """``["PACS", "CT1@10.0.0.5", "CT2@10.0.1.0/24"]`` -> {AET: [network or None (any address)]}.
+
+    Raises ConfigError for an address that does not parse.
+    """
+    out: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network | None]] = {}
+    for entry in entries:
+        aet, _, addr = entry.partition("@")
+        aet = aet.strip()
+        if not addr:
+            out.setdefault(aet, []).append(None)
+            continue
+        try:
+            net = ipaddress.ip_network(addr.strip(), strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"dicom.allowed_callers: {entry!r}: {exc}") from exc
+        out.setdefault(aet, []).append(net)
+    return out
+
+
+def server_ssl_context(tls: TlsConfig, *, handshake_timeout: float | None = 30.0) -> ssl.SSLContext:
+    """Server-side TLS context from ``dicom.tls`` (TLS >= 1.2; client certificates when required).
+
+    Raises ConfigError naming the key when a file is missing or unusable.
+    """
+    if tls.certfile is None or tls.keyfile is None:
+        raise ConfigError("dicom.tls: certfile and keyfile are required when tls.enabled is true")
+    ctx = _LazyHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.handshake_timeout = handshake_timeout
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(tls.certfile), str(tls.keyfile))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"dicom.tls.certfile/keyfile: cannot load: {exc}") from exc
+    if tls.require_client_cert:
+        if tls.cafile is None:
+            raise ConfigError("dicom.tls.cafile: required when require_client_cert is true")
+        try:
+            ctx.load_verify_locations(cafile=str(tls.cafile))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"dicom.tls.cafile: cannot load: {exc}") from exc
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class _LazyHandshakeContext(ssl.SSLContext):
+    """An SSLContext whose server sockets do the TLS handshake on first read, not in accept().
+
+    pynetdicom wraps each accepted socket in the server's accept loop with the default
+    ``do_handshake_on_connect=True``: one client that connects and sends nothing would block every
+    other peer until it gives up. Deferring the handshake moves it into the association's own
+    thread (OpenSSL performs it inside the first ``recv``), bounded by the socket timeout.
+    """
+
+    handshake_timeout: float | None = None
+
+    def wrap_socket(self, sock: Any, server_side: bool = False, do_handshake_on_connect: bool = True,
+                    suppress_ragged_eofs: bool = True, server_hostname: Any = None,
+                    session: Any = None) -> ssl.SSLSocket:
+        if server_side:
+            sock.settimeout(self.handshake_timeout)
+            do_handshake_on_connect = False
+        return super().wrap_socket(sock, server_side=server_side,
+                                   do_handshake_on_connect=do_handshake_on_connect,
+                                   suppress_ragged_eofs=suppress_ragged_eofs,
+                                   server_hostname=server_hostname, session=session)
+
+
+def _refuse(state: ListenerState, counts: _Counts, kind: str, severity: Any, status: int, reason: str,
+            sop_instance_uid: str, calling_ae: str, *, log: bool = True, **extra: object) -> int:
+    counts.failed += 1
+    fields: dict[str, object] = {"sop_instance_uid": sop_instance_uid, "calling_ae": calling_ae,
+                                 "reason": reason, "status": status, **extra}
+    if log:
+        log_event(logger, "store.refused", logging.WARNING, status=f"0x{status:04X}", **fields)
+    state.emit(Event(kind=kind, severity=severity,
+                     message=f"C-STORE refused with 0x{status:04X}: {reason}", fields=fields,
+                     created_at=time.time()))
+    return status
+
+
+def _association_rejected(state: ListenerState, *, calling_ae: str, peer: str, reason: str,
+                          result: object, source: object, diagnostic: object) -> None:
+    fields: dict[str, object] = {"sop_instance_uid": "", "calling_ae": calling_ae, "peer": peer,
+                                 "reason": reason, "status": None, "result": result,
+                                 "source": source, "diagnostic": diagnostic}
+    log_event(logger, "association.rejected", logging.WARNING, **fields)
+    state.emit(Event(kind="association.rejected", severity="warning",
+                     message=f"association from {calling_ae or '?'}@{peer} rejected: {reason}",
+                     fields=fields, created_at=time.time()))
+
+
+def _address_allowed(peer: str, rules: list[ipaddress.IPv4Network | ipaddress.IPv6Network | None]) -> bool:
+    if any(r is None for r in rules):
+        return True
+    try:
+        ip = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
+    return any(r is not None and ip.version == r.version and ip in r for r in rules)
+
+
+def _peer_address(assoc: Any) -> str:
+    try:
+        return str(assoc.requestor.address)
+    except (AttributeError, ValueError):
+        return ""
+
+
+def _calling_ae(event: PynetdicomEvent) -> str:
+    try:
+        return str(event.assoc.requestor.ae_title or "").strip()
+    except AttributeError:
+        return ""
+

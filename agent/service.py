@@ -1,0 +1,349 @@
+"""The service: wires the stages together and runs them.
+
+    listener threads --Instance--> [instance queue] --> assembly thread --(jobs table)--> job thread
+         |                                                                                   |
+         +--Event--> [event queue] ----------------------------------------------------------+
+                                                                                             v
+                 MQTT publisher thread <------------------- outbox (SQLite) <-- Result / Event
+
+Each stage owns its state (spool + instances, series + jobs, outbox) in the one SQLite file;
+each thread has its own connection. Start order: database, outbox + publisher, inference
+worker, assembler, listener (last, so nothing is acknowledged before it can be processed);
+stop in reverse. On start-up, unfinished work is resumed: running jobs return to pending,
+series the spool holds but the table lacks are re-opened, unsent messages stay in the outbox.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from agent import __version__, db
+from agent.assembly import JobStore, SeriesAssembler
+from agent.assembly.jobs import FAILED, INFERRED
+from agent.config import Config
+from agent.errors import EdgeAgentError, ModelSpecError
+from agent.inference.runner import InferenceJob, InferenceRunner
+from agent.ingest.scp import DEFAULT_STORAGE_SOP_CLASSES, DicomListener
+from agent.ingest.spool import Spool
+from agent.log import log_event
+from agent.modelspec import ModelSpec, load_spec
+from agent.publish import payloads
+from agent.publish.mqtt import MqttPublisher
+from agent.publish.outbox import Outbox
+from agent.publish.topics import Topics
+from agent.types import Event, Instance, ModelRef, Result, Series
+
+log = logging.getLogger(__name__)
+
+# Enhanced objects come from modern scanners; accept them whenever the plain class is wanted.
+_ENHANCED = {
+    "1.2.840.10008.5.1.4.1.1.2": "1.2.840.10008.5.1.4.1.1.2.1",  # CT -> Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.4": "1.2.840.10008.5.1.4.1.1.4.1",  # MR -> Enhanced MR
+}
+
+
+def load_models(cfg: Config) -> dict[str, tuple[ModelSpec, Path]]:
+    """Model specs found under ``models.dir`` (filtered by ``models.enabled``), by name."""
+    models: dict[str, tuple[ModelSpec, Path]] = {}
+    root = cfg.models.dir
+    if not root.is_dir():
+        raise ModelSpecError(f"models.dir {root} is not a directory")
+    for toml in sorted(root.glob("*/model.toml")):
+        spec = load_spec(toml.parent)
+        if cfg.models.enabled and spec.name not in cfg.models.enabled:
+            continue
+        onnx = toml.parent / spec.onnx
+        if not onnx.is_file():
+            log_event(log, "model.skipped", logging.WARNING, model=spec.name, reason=f"{onnx} missing")
+            continue
+        models[spec.name] = (spec, toml.parent)
+    missing = set(cfg.models.enabled) - set(models)
+    if missing:
+        raise ModelSpecError(f"models.enabled names unknown model(s): {', '.join(sorted(missing))}")
+    return models
+
+
+def sop_classes_for(specs: list[ModelSpec]) -> list[str]:
+    wanted: list[str] = []
+    for spec in specs:
+        for uid in spec.input.sop_classes:
+            for u in (uid, _ENHANCED.get(uid)):
+                if u and u not in wanted:
+                    wanted.append(u)
+    return wanted or list(DEFAULT_STORAGE_SOP_CLASSES)
+
+
+def _iso(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Service:
+    """The running agent. ``start()`` returns once it accepts DICOM; ``stop()`` shuts down."""
+
+    TICK_S = 0.25
+
+    def __init__(self, cfg: Config, *, fault_injection: bool = False) -> None:
+        self.cfg = cfg
+        self.fault_injection = fault_injection
+        self.models = load_models(cfg)
+        self.specs = [spec for spec, _ in self.models.values()]
+        self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
+        self.started_at = time.time()
+        self._instances: queue.Queue[Instance] = queue.Queue()
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._stop = threading.Event()
+        self._jobs_ready = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._birth_seq = 0
+        self.listener: DicomListener | None = None
+        self.publisher: MqttPublisher | None = None
+        self.runner: InferenceRunner | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.cfg
+        for d in (cfg.storage.dir, cfg.spool_dir, cfg.quarantine_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(cfg.spool_dir, cfg.quarantine_dir, db.connect(cfg.db_path), cfg.storage.min_free_mb)
+        self.outbox = Outbox(db.connect(cfg.db_path))
+        self.assembler = SeriesAssembler(db.connect(cfg.db_path), self.specs, cfg.pipeline.stable_age_s)
+        self.jobs = JobStore(self.assembler.conn)
+        self._job_conn = db.connect(cfg.db_path)
+        self._job_outbox = Outbox(self._job_conn)
+        self._job_jobs = JobStore(self._job_conn)
+
+        recovered = self.jobs.recover()
+        reconciled = self.assembler.reconcile(self._spool_summary())
+        log_event(log, "service.recovered", jobs_requeued=recovered, series_reopened=reconciled,
+                  outbox_pending=self.outbox.count())
+
+        self.publisher = MqttPublisher(cfg.mqtt, cfg.device_id, self.outbox, birth=self._birth)
+        self.publisher.start()
+        self.runner = InferenceRunner(cfg.models.dir, threads=cfg.pipeline.threads,
+                                      job_timeout_s=cfg.pipeline.job_timeout_s,
+                                      memory_limit_mb=cfg.pipeline.worker_memory_mb,
+                                      fault_injection=self.fault_injection)
+        self.runner.start()
+        for target, name in ((self._assembly_loop, "assembly"), (self._job_loop, "jobs")):
+            t = threading.Thread(target=target, name=f"edge-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self.listener = DicomListener(cfg.dicom, self.spool, sop_classes_for(self.specs),
+                                      on_instance=self._instances.put, on_event=self._events.put)
+        port = self.listener.start()
+        log_event(log, "service.started", version=__version__, device_id=cfg.device_id,
+                  dicom_port=port, models=",".join(self.models) or "-")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._jobs_ready.set()
+        if self.listener is not None:
+            self.listener.stop()
+        for t in self._threads:
+            t.join(timeout=30)
+        if self.runner is not None:
+            self.runner.stop()
+        if self.publisher is not None:
+            self.publisher.stop(timeout=5)
+        log_event(log, "service.stopped")
+
+    def run_forever(self) -> int:
+        done = threading.Event()
+
+        def _signal(signum: int, _frame: Any) -> None:
+            log_event(log, "service.signal", signal=signal.Signals(signum).name)
+            done.set()
+
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+        self.start()
+        try:
+            while not done.wait(1.0):
+                pass
+        finally:
+            self.stop()
+        return 0
+
+    @property
+    def dicom_port(self) -> int:
+        assert self.listener is not None
+        return self.listener.port
+
+    # ---- status ----------------------------------------------------------------------------
+    def _birth(self) -> bytes:
+        self._birth_seq += 1
+        return payloads.status_payload(
+            device_id=self.cfg.device_id, state="online", version=__version__,
+            started_at=_iso(self.started_at), seq=self._birth_seq,
+            capabilities={"backends": ["onnxruntime"], "dicom_ae_title": self.cfg.dicom.ae_title},
+            models=[{"name": s.name, "version": s.version, "variant": "fp32", "backend": "onnxruntime"}
+                    for s in self.specs],
+        )
+
+    # ---- assembly thread -------------------------------------------------------------------
+    def _spool_summary(self) -> list[tuple[str, str, str, str, str, int, float]]:
+        rows = self.spool.conn.execute(
+            "SELECT series_uid, MIN(study_uid) AS study_uid, MIN(modality) AS modality,"
+            " MIN(series_description) AS d, MIN(body_part) AS b, COUNT(*) AS n,"
+            " MAX(received_at) AS last FROM instances GROUP BY series_uid"
+        ).fetchall()
+        return [(r["series_uid"], r["study_uid"], r["modality"], r["d"] or "", r["b"] or "",
+                 r["n"], r["last"]) for r in rows]
+
+    def _assembly_loop(self) -> None:
+        last_janitor = 0.0
+        while not self._stop.is_set():
+            try:
+                self._drain_instances()
+                self._drain_events()
+                for due in self.assembler.pop_due():
+                    if not due.models:
+                        self._emit(Event("series.unrouted", "info", "no model wants this series",
+                                         {"series_uid": due.series_uid, "modality": due.modality,
+                                          "instances": due.n_instances}))
+                    for name in due.models:
+                        self.jobs.create(due.series_uid, due.study_uid, name, due.revision)
+                    if due.models:
+                        self._jobs_ready.set()
+                self._mark_published()
+                if time.time() - last_janitor > 60:
+                    last_janitor = time.time()
+                    self._janitor()
+            except EdgeAgentError as exc:
+                log_event(log, "assembly.error", logging.ERROR, error=str(exc))
+            except Exception:  # noqa: BLE001 - the loop must survive anything; logged with traceback
+                log.exception("assembly.crashed")
+            self._stop.wait(self.TICK_S)
+
+    def _drain_instances(self) -> None:
+        while True:
+            try:
+                inst = self._instances.get_nowait()
+            except queue.Empty:
+                return
+            self.assembler.note_instance(inst)
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                ev = self._events.get_nowait()
+            except queue.Empty:
+                return
+            self._emit(ev)
+
+    def _emit(self, ev: Event) -> None:
+        if not ev.created_at:
+            ev = Event(ev.kind, ev.severity, ev.message, ev.fields, time.time())
+        self.outbox.put(self.topics.events, payloads.event_payload(ev, self.cfg.device_id),
+                        qos=1, kind="event")
+        if self.publisher is not None:
+            self.publisher.wake()
+
+    def _mark_published(self) -> None:
+        rows = self.assembler.conn.execute(
+            "SELECT job_id, result_key FROM jobs WHERE state = ?", (INFERRED,)
+        ).fetchall()
+        for r in rows:
+            if not self.outbox.has(r["result_key"]):
+                self.jobs.mark_published(r["result_key"])
+
+    def _janitor(self) -> None:
+        for uid in self.assembler.expired_unrouted(self.cfg.storage.unrouted_retention_h * 3600):
+            self.spool.delete_series(uid)
+            self.assembler.forget(uid)
+            log_event(log, "spool.aged_out", series_uid=uid, reason="unrouted")
+        cutoff = time.time() - self.cfg.storage.retention_days * 86400
+        rows = self.assembler.conn.execute(
+            "SELECT series_uid FROM series WHERE state = 'complete' AND completed_at <= ?", (cutoff,)
+        ).fetchall()
+        for r in rows:
+            if self.jobs.series_done(r["series_uid"]):
+                self.spool.delete_series(r["series_uid"])
+                self.assembler.forget(r["series_uid"])
+                log_event(log, "spool.aged_out", series_uid=r["series_uid"], reason="retention")
+
+    # ---- job thread ------------------------------------------------------------------------
+    def _job_loop(self) -> None:
+        while not self._stop.is_set():
+            job = self._job_jobs.claim_next()
+            if job is None:
+                self._jobs_ready.wait(1.0)
+                self._jobs_ready.clear()
+                continue
+            try:
+                self._run_job(job)
+            except EdgeAgentError as exc:
+                self._job_failed(job.job_id, job.series_uid, job.model_name, f"{exc}", "error")
+            except Exception as exc:  # noqa: BLE001 - a bug in one job must not stop the others
+                log.exception("job.crashed")
+                self._job_failed(job.job_id, job.series_uid, job.model_name,
+                                 f"internal error: {type(exc).__name__}: {exc}", "error")
+
+    def _run_job(self, job: Any) -> None:
+        assert self.runner is not None
+        spec, model_dir = self.models[job.model_name]
+        instances = tuple(self.spool.instances_for_series(job.series_uid))
+        if not instances:
+            self._job_jobs.mark(job.job_id, FAILED, error="series no longer in the spool")
+            return
+        first = instances[0]
+        series = Series(first.study_uid, first.series_uid, first.modality, instances, job.revision,
+                        first.series_description, first.body_part)
+        t0 = time.monotonic()
+        outcome = self.runner.submit(InferenceJob(
+            job_id=job.job_id, series=series, model_name=spec.name, model_dir=model_dir,
+            variant_file=model_dir / spec.onnx, backend="onnxruntime", precision="fp32",
+        ))
+        if not outcome.ok or outcome.prediction is None:
+            self._job_failed(job.job_id, job.series_uid, job.model_name, outcome.error, outcome.kind)
+            return
+        pred = outcome.prediction
+        timings = dict(pred.timings_ms)
+        timings["queue_to_result"] = round((time.monotonic() - t0) * 1000, 1)
+        ref: ModelRef = pred.model
+        rid = payloads.result_id(series.series_uid, ref.name, ref.version)
+        result = Result(rid, job.revision, self.cfg.device_id, series.study_uid, series.series_uid,
+                        type(pred)(pred.model, pred.task, pred.outputs, timings),
+                        _iso(time.time()))
+        patient = self._patient(first.path) if self.cfg.privacy.include_patient_identifiers else None
+        payload = payloads.result_payload(
+            result, patient=patient,
+            include_patient_identifiers=self.cfg.privacy.include_patient_identifiers)
+        key = f"{rid}:{job.revision}"
+        # the outbox row and the job state change commit together: a crash leaves either both
+        # (message will be sent) or neither (job re-runs), never a lost or doubled result
+        with db.transaction(self._job_conn):
+            self._job_outbox.put(self.topics.results, payload, qos=1, kind="result", dedup_key=key,
+                                 in_transaction=True)
+            self._job_jobs.mark(job.job_id, INFERRED, result_key=key, conn=self._job_conn)
+        log_event(log, "job.inferred", job_id=job.job_id, model=ref.name, variant=ref.variant,
+                  revision=job.revision, ms=timings.get("queue_to_result"))
+        if self.publisher is not None:
+            self.publisher.wake()
+
+    def _job_failed(self, job_id: str, series_uid: str, model: str, error: str, kind: str) -> None:
+        state = self._job_jobs.retry_or_fail(job_id, error, self.cfg.pipeline.max_attempts)
+        log_event(log, "job.attempt_failed", logging.WARNING, job_id=job_id, kind=kind, error=error,
+                  next_state=state)
+        if state == FAILED:
+            self._events.put(Event("job.failed", "error", f"inference failed: {error}",
+                                   {"series_uid": series_uid, "model": model, "kind": kind,
+                                    "attempts": self.cfg.pipeline.max_attempts}))
+        else:
+            self._jobs_ready.set()
+
+    @staticmethod
+    def _patient(path: Path) -> dict[str, str]:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["PatientName", "PatientID", "PatientBirthDate"])
+        return {"name": str(ds.get("PatientName", "")), "id": str(ds.get("PatientID", "")),
+                "birth_date": str(ds.get("PatientBirthDate", ""))}

@@ -1,0 +1,165 @@
+"""Result / event / status payloads: schema, privacy, deterministic ids."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent.errors import PublishError
+from agent.publish.payloads import (
+    RESULT_SCHEMA,
+    event_payload,
+    parse_event,
+    parse_result,
+    parse_status,
+    restamp_status,
+    result_id,
+    result_payload,
+    status_payload,
+)
+from agent.publish.topics import Topics
+from agent.types import (
+    ClassificationOutput,
+    Event,
+    LabelStats,
+    ModelRef,
+    Prediction,
+    Result,
+    SegmentationOutput,
+)
+
+SERIES = "1.2.826.0.1.3680043.8.498.11111111111111111111"
+STUDY = "1.2.826.0.1.3680043.8.498.22222222222222222222"
+# Distinctive synthetic identifiers: they must never appear in a payload unless enabled.
+PATIENT = {"name": "Zyxwvut^Qorblemania", "id": "PID-987654321-XQ", "birth_date": "19310417"}
+
+
+def seg_result(version: str = "1.0.0", revision: int = 1) -> Result:
+    model = ModelRef("ct-abdomen-seg", version, variant="int8", backend="onnxruntime", precision="int8")
+    outputs = SegmentationOutput(labels={
+        "liver": LabelStats(voxels=190425, volume_ml=1523.4049, bbox=(10, 40, 50, 80, 200, 210)),
+        "spleen": LabelStats(voxels=25212, volume_ml=201.7, bbox=(20, 60, 250, 60, 140, 310)),
+    })
+    pred = Prediction(model, "segmentation", outputs, {"preprocess": 120.25, "infer": 800.0})
+    return Result(result_id(SERIES, model.name, version), revision, "edge-01", STUDY, SERIES, pred,
+                  "2024-05-01T12:00:00.000Z")
+
+
+def cls_result() -> Result:
+    model = ModelRef("mr-brain-cls", "2.1.0")
+    probs = {"no_tumour": 0.02, "glioma": 0.912, "meningioma": 0.05, "pituitary": 0.018}
+    pred = Prediction(model, "classification", ClassificationOutput("glioma", 0.912, probs), {"infer": 18.6})
+    return Result(result_id(SERIES, model.name, "2.1.0"), 2, "edge-01", STUDY, SERIES, pred,
+                  "2024-05-01T12:00:01.000Z")
+
+
+def test_segmentation_payload_validates_and_has_contract_fields() -> None:
+    data = result_payload(seg_result())
+    doc = parse_result(data)
+    assert data == data.strip() and b"\n" not in data and b": " not in data  # compact JSON
+    assert set(doc) == {"schema", "result_id", "revision", "device_id", "study_uid", "series_uid", "model",
+                        "task", "outputs", "timings_ms", "created_at"}
+    assert doc["schema"] == RESULT_SCHEMA
+    assert doc["model"] == {"name": "ct-abdomen-seg", "version": "1.0.0", "variant": "int8",
+                            "backend": "onnxruntime", "precision": "int8"}
+    assert doc["outputs"]["labels"]["liver"] == {"voxels": 190425, "volume_ml": 1523.405,
+                                                 "bbox": [10, 40, 50, 80, 200, 210]}
+    assert doc["timings_ms"] == {"preprocess": 120.25, "infer": 800.0}
+
+
+def test_classification_payload_validates() -> None:
+    doc = parse_result(result_payload(cls_result()))
+    assert doc["task"] == "classification" and doc["revision"] == 2
+    assert doc["outputs"]["label"] == "glioma"
+    assert doc["outputs"]["confidence"] == pytest.approx(0.912)
+    assert set(doc["outputs"]["probabilities"]) == {"no_tumour", "glioma", "meningioma", "pituitary"}
+
+
+def test_patient_identifiers_absent_by_default() -> None:
+    for data in (result_payload(seg_result(), patient=PATIENT),
+                 result_payload(seg_result(), patient=PATIENT, include_patient_identifiers=False)):
+        assert b"patient" not in data
+        for value in PATIENT.values():
+            assert value.encode() not in data
+
+
+def test_patient_identifiers_present_only_when_enabled() -> None:
+    data = result_payload(seg_result(), patient=PATIENT, include_patient_identifiers=True)
+    doc = parse_result(data)
+    assert doc["patient"] == PATIENT
+    # DICOM keywords are accepted as aliases
+    dicom = {"PatientName": PATIENT["name"], "PatientID": PATIENT["id"], "PatientBirthDate": PATIENT["birth_date"]}
+    assert parse_result(result_payload(seg_result(), patient=dicom, include_patient_identifiers=True))[
+        "patient"] == PATIENT
+
+
+def test_result_id_deterministic_and_version_specific() -> None:
+    a = result_id(SERIES, "ct-abdomen-seg", "1.0.0")
+    assert a == result_id(SERIES, "ct-abdomen-seg", "1.0.0")
+    assert a != result_id(SERIES, "ct-abdomen-seg", "1.0.1")
+    assert a != result_id(SERIES + "9", "ct-abdomen-seg", "1.0.0")
+    assert a != result_id(SERIES, "mr-brain-cls", "1.0.0")
+    # pinned: consumers may recompute it; changing the namespace would break de-duplication
+    assert a == "449799b6-b131-5492-9490-b6a6e0f79e22"
+
+
+def test_parse_result_rejects_bad_messages() -> None:
+    good = json.loads(result_payload(seg_result()))
+    with pytest.raises(PublishError):
+        parse_result(b"not json")
+    for mutate in (
+        lambda d: d.pop("result_id"),
+        lambda d: d.update(schema="edge-agent/result/2"),
+        lambda d: d.update(task="classification"),  # outputs do not match the task
+        lambda d: d["outputs"]["labels"]["liver"].update(bbox=[1, 2, 3]),
+        lambda d: d.update(revision=0),
+    ):
+        doc = json.loads(json.dumps(good))
+        mutate(doc)
+        with pytest.raises(PublishError):
+            parse_result(json.dumps(doc))
+
+
+def test_nan_is_refused() -> None:
+    r = cls_result()
+    bad = Prediction(r.prediction.model, "classification",
+                     ClassificationOutput("glioma", float("nan"), {"glioma": 1.0}), {})
+    with pytest.raises(PublishError, match="confidence"):
+        result_payload(Result(r.result_id, 1, "d", STUDY, SERIES, bad, r.created_at))
+
+
+def test_event_payload() -> None:
+    ev = Event("dicom.rejected", "warning", "unsupported transfer syntax",
+               {"sop_uid": "1.2.3", "count": 2, "ratio": 0.5})
+    doc = parse_event(event_payload(ev, "edge-01"))
+    assert doc["schema"] == "edge-agent/event/1"
+    assert doc["kind"] == "dicom.rejected" and doc["severity"] == "warning"
+    assert doc["fields"] == {"sop_uid": "1.2.3", "count": 2, "ratio": 0.5}
+    assert doc["device_id"] == "edge-01" and doc["created_at"].endswith("Z")
+    assert parse_event(event_payload(Event("x", "info", "m", created_at=0.0), "d"))["created_at"] > "2020"
+
+
+def test_status_payload_and_restamp() -> None:
+    birth = status_payload(device_id="edge-01", version="0.1.0", started_at=1714564800.0,
+                           capabilities={"backends": ["onnxruntime"], "avx512": True},
+                           models=[ModelRef("ct-abdomen-seg", "1.0.0", "int8")])
+    doc = parse_status(birth)
+    assert doc["state"] == "online" and doc["started_at"] == "2024-05-01T12:00:00.000Z"
+    assert doc["models"] == [{"name": "ct-abdomen-seg", "version": "1.0.0", "variant": "int8",
+                              "backend": "onnxruntime"}]
+    off = parse_status(restamp_status(birth, seq=7, state="offline", reason="shutdown"))
+    assert (off["state"], off["seq"], off["reason"]) == ("offline", 7, "shutdown")
+    on = parse_status(restamp_status(restamp_status(birth, seq=7, state="offline", reason="x"), seq=8,
+                                     state="online"))
+    assert on["seq"] == 8 and "reason" not in on
+
+
+def test_topics() -> None:
+    t = Topics("edge", "dev1")
+    assert (t.results, t.status, t.events, t.cmd) == (
+        "edge/dev1/results", "edge/dev1/status", "edge/dev1/events", "edge/dev1/cmd/#")
+    assert Topics("hospital/ct", "+").results == "hospital/ct/+/results"
+    for prefix, dev in (("edge/#", "d"), ("", "d"), ("edge", "a/b"), ("edge", "a+")):
+        with pytest.raises(ValueError):
+            Topics(prefix, dev)
