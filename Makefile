@@ -22,7 +22,7 @@ test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: venv
-	$(PY) -m agent.demo
+	$(PY) -m deploy.demo
 
 lint: venv
 	$(VENV)/bin/ruff check agent deploy models tests bench

@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--protocol", choices=["5", "3.1.1"])
     res.add_argument("--raw", action="store_true", help="print the JSON payloads as received")
     res.set_defaults(func=cmd_results)
+
+    from agent.registry.probe import add_parser as add_probe_parser
+
+    add_probe_parser(sub)
     return p
 
 

@@ -83,8 +83,8 @@ class MqttConfig(_Section):
     keepalive_s: int = Field(30, ge=5, description="MQTT keep-alive.")
     max_inflight: int = Field(20, ge=1, description="Unacknowledged QoS 1 messages in flight.")
     session_expiry_s: int = Field(86400, ge=0, description="MQTT 5 session expiry interval.")
-    embedded_broker: bool = Field(
-        False, description="Start an embedded broker (amqtt) on host:port when none answers (demo)."
+    reconnect_max_s: float = Field(
+        60, gt=0, description="Longest wait between reconnect attempts (exponential backoff from 1 s)."
     )
 
 
@@ -121,6 +121,40 @@ class LoggingConfig(_Section):
     format: Literal["kv", "json"] = Field("kv", description="One event per line: key=value or JSON.")
 
 
+class RegistryConfig(_Section):
+    """Where models come from and which keys may sign them."""
+
+
+    url: str = Field("", description="Registry root: http(s):// or file://; empty: no pulling (models.dir only).")
+    public_key: list[Path] = Field(
+        default_factory=list,
+        description="PEM Ed25519 public keys trusted to sign manifests (edge-deploy keygen); several during rotation.",
+    )
+    models: list[str] = Field(default_factory=list, description="Model names to pull and keep up to date.")
+    poll_interval_s: float = Field(3600, ge=0, description="Check the registry this often (0: only on command).")
+    timeout_s: float = Field(30, gt=0, description="Network timeout per request.")
+    retries: int = Field(3, ge=1, description="Attempts per file download; each resumes the last.")
+    min_free_mb: int = Field(200, ge=0, description="Disk space that must remain free after an install.")
+    cafile: Optional[Path] = Field(None, description="CA bundle for an https registry with a private CA.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v and not v.startswith(("http://", "https://", "file://")):
+            raise ValueError("expected an http://, https:// or file:// URL")
+        return v
+
+    @field_validator("public_key", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        # `public_key = "/etc/edge-agent/registry.pub"` is the common single-key case
+        return [v] if isinstance(v, (str, Path)) else v
+
+    def enabled(self) -> bool:
+        """Pulling is configured (a URL and at least one key)."""
+        return bool(self.url and self.public_key)
+
+
 class Config(_Section):
     device_id: str = Field("edge-dev", description="Names this device in topics and results.")
     dicom: DicomConfig = Field(default_factory=DicomConfig)
@@ -130,6 +164,7 @@ class Config(_Section):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     @field_validator("device_id")
     @classmethod

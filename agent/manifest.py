@@ -199,6 +199,9 @@ class Variant(_Strict):
     )
     requires: Requires = Requires()
     description: str = ""
+    priority: int = Field(
+        0, ge=0, description="Preference among variants a device can run: lower first (set from the benchmarks)."
+    )
     gate: GateResult
     bench: Optional[BenchFigures] = None
     selftest: Optional[SelfTest] = None
@@ -301,6 +304,16 @@ class IndexEntry(_Strict):
     sha256: str = Field(description="SHA-256 of manifest.json.")
     created_at: str
     variants: tuple[str, ...] = ()
+
+    @field_validator("manifest")
+    @classmethod
+    def _manifest_ok(cls, value: str) -> str:
+        return _check_rel_path(value)
+
+    @field_validator("sha256")
+    @classmethod
+    def _digest_ok(cls, value: str) -> str:
+        return _check_sha256(value)
 
 
 class IndexModel(_Strict):

@@ -121,12 +121,14 @@ class Service:
         self._job_outbox = Outbox(self._job_conn)
         self._job_jobs = JobStore(self._job_conn)
 
+        respooled = self.spool.reconcile()
         recovered = self.jobs.recover()
         reconciled = self.assembler.reconcile(self._spool_summary())
-        log_event(log, "service.recovered", jobs_requeued=recovered, series_reopened=reconciled,
+        log_event(log, "service.recovered", instances_reindexed=respooled, jobs_requeued=recovered, series_reopened=reconciled,
                   outbox_pending=self.outbox.count())
 
-        self.publisher = MqttPublisher(cfg.mqtt, cfg.device_id, self.outbox, birth=self._birth)
+        self.publisher = MqttPublisher(cfg.mqtt, cfg.device_id, self.outbox, birth=self._birth,
+                                       reconnect_delay_s=(1.0, max(1.0, cfg.mqtt.reconnect_max_s)))
         self.publisher.start()
         self.runner = InferenceRunner(cfg.models.dir, threads=cfg.pipeline.threads,
                                       job_timeout_s=cfg.pipeline.job_timeout_s,
@@ -303,6 +305,9 @@ class Service:
             job_id=job.job_id, series=series, model_name=spec.name, model_dir=model_dir,
             variant_file=model_dir / spec.onnx, backend="onnxruntime", precision="fp32",
         ))
+        if outcome.kind == "cancelled":  # we are shutting down: not the job's fault
+            self._job_jobs.release(job.job_id)
+            return
         if not outcome.ok or outcome.prediction is None:
             self._job_failed(job.job_id, job.series_uid, job.model_name, outcome.error, outcome.kind)
             return

@@ -91,8 +91,8 @@ class QuantConfig:
 
     method: str = "percentile"
     percentile: float = 99.99
-    calibration_seed: int = 7001
-    validation_seed: int = 8001
+    calibration_seed: int = 200001
+    validation_seed: int = 300001
     calibration_samples: int = 240
     calibration_volumes: int = 20
     patches_per_volume: int = 3
@@ -183,36 +183,36 @@ def synthetic_cases(
 ) -> Iterator[Case]:
     """``n`` synthetic series for ``spec``'s task, generated from ``seed`` and preprocessed.
 
-    Classification (MR): case i is class ``MR_CLASSES[i % 4]`` at difficulty
-    ``MR_DIFFICULTIES[(i // 4) % 3]``, so any n that is a multiple of 12 is exactly balanced.
-    Segmentation (CT): noise level cycles over :data:`CT_NOISE_LEVELS`. Per-case seeds are
-    ``derive_seed(seed, i)``: sets with different seeds are disjoint.
+    Series ``i`` is the phantom ``deploy.synth.generate_mr/generate_ct`` would write as series
+    ``i`` of set ``seed`` (``derive_seed(seed, i)``; sets with different seeds are disjoint).
+    Classification (MR): classes round-robin and difficulty advances every 4 series
+    (``mr_assignment``), so any n that is a multiple of 12 is exactly balanced over
+    class x difficulty. Segmentation (CT): the noise level cycles over :data:`CT_NOISE_LEVELS`.
+    Raises CalibrationError when a series seed would be one reserved for training.
     """
-    from deploy.synth._common import MR_CLASSES, MR_DIFFICULTIES, derive_seed
+    from deploy.evaluate import TRAINING_SEEDS
+    from deploy.synth import derive_seed, make_ct_phantom, make_mr_slice, mr_assignment
 
     modality = spec.input.modality.upper()
+    if modality not in ("MR", "CT"):
+        raise CalibrationError(f"no synthetic generator for modality {spec.input.modality!r}")
     for i in range(n):
         s = derive_seed(seed, i)
+        if s in TRAINING_SEEDS:  # 63-bit hashes: astronomically unlikely, cheap to rule out
+            raise CalibrationError(f"set seed {seed}: series {i} would reuse a training phantom seed")
         if modality == "MR":
-            from deploy.synth.mr import make_mr_slice
-
-            cls = MR_CLASSES[i % len(MR_CLASSES)]
-            difficulty = MR_DIFFICULTIES[(i // len(MR_CLASSES)) % len(MR_DIFFICULTIES)]
-            ph = make_mr_slice(s, cls=cls, difficulty=difficulty)
+            cls, difficulty = mr_assignment(i)
+            ph = make_mr_slice(s, cls=cls, difficulty=difficulty, index=i)
             volume, prepared = _prepare([ph.dataset], spec, drift)
             truth_class = spec.labels.index(ph.cls) if ph.cls in spec.labels else ph.class_index
             yield Case(f"mr-{seed}-{i}", f"{cls}/{difficulty}", prepared.array, prepared.geometry,
                        volume.spacing, truth_class=truth_class, meta={"seed": s})
-        elif modality == "CT":
-            from deploy.synth.ct import make_ct_phantom
-
-            noise = CT_NOISE_LEVELS[i % len(CT_NOISE_LEVELS)]
-            ph = make_ct_phantom(s, noise=noise)
-            volume, prepared = _prepare(ph.datasets, spec, drift)
-            yield Case(f"ct-{seed}-{i}", f"noise={noise:g}", prepared.array, prepared.geometry,
-                       volume.spacing, truth_labels=ph.labels, meta={"seed": s})
         else:
-            raise CalibrationError(f"no synthetic generator for modality {spec.input.modality!r}")
+            noise = CT_NOISE_LEVELS[i % len(CT_NOISE_LEVELS)]
+            ct = make_ct_phantom(s, noise=noise, index=i)
+            volume, prepared = _prepare(ct.datasets, spec, drift)
+            yield Case(f"ct-{seed}-{i}", f"noise={noise:g}", prepared.array, prepared.geometry,
+                       volume.spacing, truth_labels=ct.labels, meta={"seed": s})
 
 
 def dicom_cases(spec: ModelSpec, folder: Path, drift: DriftAccumulator | None = None,
@@ -291,10 +291,11 @@ def build_calibration_set(
             for j, p in enumerate(sliding_window_patches(case.image, spec.input.patch_size, spec.input.overlap,
                                                          cfg.patches_per_volume, rng)):
                 tensors.append(p)
-                records.append({"case": case.case_id, "group": case.group, "patch": j})
+                records.append({"case": case.case_id, "group": case.group, "patch": j,
+                                "seed": case.meta.get("seed")})
         else:
             tensors.append(np.ascontiguousarray(case.image, dtype=np.float32))
-            records.append({"case": case.case_id, "group": case.group})
+            records.append({"case": case.case_id, "group": case.group, "seed": case.meta.get("seed")})
     if not tensors:
         raise CalibrationError("empty calibration set")
     shapes = {t.shape for t in tensors}
@@ -451,6 +452,10 @@ def calibrate(model_dir: Path, build: Path, cfg: QuantConfig, dicom: Path | None
     build.mkdir(parents=True, exist_ok=True)
     with atomic_path(build / "model.source.onnx") as tmp:
         shutil.copyfile(src, tmp)
+    # the spec as calibrated travels with the build: publish reads it from here, so a model.toml
+    # edited after calibration cannot end up in a manifest describing other files
+    with atomic_path(build / "model.toml") as tmp:
+        shutil.copyfile(Path(model_dir) / "model.toml", tmp)
     pre_notes = preprocess_model(build / "model.source.onnx", build / "model.pre.onnx")
 
     drift = DriftAccumulator(spec.input.modality)
@@ -482,6 +487,7 @@ def calibrate(model_dir: Path, build: Path, cfg: QuantConfig, dicom: Path | None
         "n_tensors": int(len(data)),
         "tensor_shape": list(data.shape[1:]),
         "n_series": len({r["case"] for r in records}),
+        "series_seeds": sorted({int(r["seed"]) for r in records if r.get("seed") is not None}),
         "groups": dict(sorted(groups.items())),
         "input_range": [float(data.min()), float(data.max())],
         "preprocess": pre_notes,

@@ -105,18 +105,9 @@ class DriftAccumulator:
         for name, frac in fractions.items():
             self._label_fractions[name].append(float(frac))
 
-    def profile(self, source: str) -> dict[str, Any]:
-        """The profile as a dict matching ``agent.manifest.DriftProfile``."""
-        if self._raw_edges is None or self._in_edges is None or self._in_counts is None:
-            raise ValueError("no series added to the drift profile")
-        numeric = {
-            key: {
-                "min": float(np.min(v)), "max": float(np.max(v)), "mean": float(np.mean(v)),
-                "std": float(np.std(v)), "p05": float(np.percentile(v, 5)),
-                "p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)), "n": float(len(v)),
-            }
-            for key, v in self._numeric.items() if v
-        }
+    def outputs(self) -> dict[str, Any]:
+        """The ``outputs`` section: predicted class counts and a confidence histogram
+        (classification) or per-label volume-fraction statistics (segmentation)."""
         outputs: dict[str, Any] = {}
         if self._pred_classes:
             edges = np.linspace(0.0, 1.0, 21)
@@ -129,6 +120,21 @@ class DriftAccumulator:
                        "max": float(np.max(v))}
                 for name, v in self._label_fractions.items()
             }
+        return outputs
+
+    def profile(self, source: str) -> dict[str, Any]:
+        """The profile as a dict matching ``agent.manifest.DriftProfile``."""
+        if self._raw_edges is None or self._in_edges is None or self._in_counts is None:
+            raise ValueError("no series added to the drift profile")
+        numeric = {
+            key: {
+                "min": float(np.min(v)), "max": float(np.max(v)), "mean": float(np.mean(v)),
+                "std": float(np.std(v)), "p05": float(np.percentile(v, 5)),
+                "p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)), "n": float(len(v)),
+            }
+            for key, v in self._numeric.items() if v
+        }
+        outputs = self.outputs()
         return {
             "n_series": self.n_series,
             "source": source,

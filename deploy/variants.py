@@ -376,6 +376,9 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    # mkstemp creates 0600; build and registry files are meant to be read by others (a static web
+    # server), so give them the mode a plain open() would (0666 minus the umask)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -385,6 +388,12 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
         # BaseException: Ctrl-C (KeyboardInterrupt) must clean up too; re-raised unchanged
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def atomic_write(final: Path | str, data: bytes | str) -> Path:

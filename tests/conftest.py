@@ -46,13 +46,22 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class Mosquitto:
     """A real Mosquitto broker on an ephemeral loopback port; can be stopped and restarted."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, persistence: bool = False) -> None:
         self.binary = require_binary("mosquitto")
         self.port = free_port()
         self.conf = tmp / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        )
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
+        if persistence:
+            # sessions and queued QoS 1 messages survive a broker restart (outage tests)
+            pdir = tmp / "mosquitto-data"
+            pdir.mkdir(exist_ok=True)
+            pdir.chmod(0o777)  # mosquitto drops to its own user when started as root
+            lines += ["persistence true", f"persistence_location {pdir}/", "autosave_interval 1"]
+            if hasattr(os, "getuid") and os.getuid() == 0:
+                lines.append("user root")
+        else:
+            lines.append("persistence false")
+        self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -90,15 +99,21 @@ def _clean_edge_agent_env(monkeypatch: pytest.MonkeyPatch) -> None:
 class ResultCollector:
     """A real MQTT subscriber (paho) collecting messages on a topic filter."""
 
-    def __init__(self, port: int, topic: str, protocol: str = "5") -> None:
+    def __init__(self, port: int, topic: str, protocol: str = "5", persistent_id: str | None = None) -> None:
         import threading
 
         import paho.mqtt.client as mqtt
 
         self.messages: list[tuple[str, bytes]] = []
         self._cv = threading.Condition()
-        proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=proto)
+        if persistent_id:
+            # MQTT 3.1.1 persistent session: the broker queues QoS 1 messages while we reconnect
+            self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=persistent_id,
+                                      clean_session=False, protocol=mqtt.MQTTv311)
+            self.client.reconnect_delay_set(min_delay=1, max_delay=2)
+        else:
+            proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+            self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=proto)
         self.client.on_message = self._on_message
         self._subscribed = threading.Event()
         self.client.on_subscribe = lambda *a, **k: self._subscribed.set()

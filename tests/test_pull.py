@@ -516,8 +516,8 @@ def test_bad_configuration(signer: Signer, tmp_path: Path) -> None:
         RegistryClient("http://127.0.0.1:9", [tmp_path / "missing.pub"], tmp_path)
     with pytest.raises(RegistryError, match="no trusted registry public key"):
         RegistryClient("http://127.0.0.1:9", [], tmp_path)
-    cfg = RegistryConfig(url="https://models.example.org/r", public_keys="/etc/edge-agent/registry.pub")
-    assert cfg.public_keys == [Path("/etc/edge-agent/registry.pub")] and cfg.enabled()
+    cfg = RegistryConfig(url="https://models.example.org/r", public_key="/etc/edge-agent/registry.pub")
+    assert cfg.public_key == [Path("/etc/edge-agent/registry.pub")] and cfg.enabled()
     with pytest.raises(ValueError, match="http"):
         RegistryConfig(url="models.example.org")
 

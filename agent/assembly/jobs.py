@@ -114,6 +114,13 @@ class JobStore:
         self.mark(job_id, state, error=error)
         return state
 
+    def release(self, job_id: str) -> None:
+        """Give a claimed job back untried (shutdown interrupted it): pending, attempt not counted."""
+        self.conn.execute(
+            "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), updated_at = ? WHERE job_id = ?",
+            (PENDING, self.clock(), job_id),
+        )
+
     def recover(self) -> int:
         """At start-up: jobs left ``running`` by a crash go back to ``pending``."""
         cur = self.conn.execute(

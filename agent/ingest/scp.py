@@ -457,7 +457,7 @@ def _refuse(state: ListenerState, counts: _Counts, kind: str, severity: Any, sta
     fields: dict[str, object] = {"sop_instance_uid": sop_instance_uid, "calling_ae": calling_ae,
                                  "reason": reason, "status": status, **extra}
     if log:
-        log_event(logger, "store.refused", logging.WARNING, status=f"0x{status:04X}", **fields)
+        log_event(logger, "store.refused", logging.WARNING, **{**fields, "status": f"0x{status:04X}"})
     state.emit(Event(kind=kind, severity=severity,
                      message=f"C-STORE refused with 0x{status:04X}: {reason}", fields=fields,
                      created_at=time.time()))

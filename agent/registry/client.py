@@ -10,7 +10,7 @@ is verified and durably on disk, so every failure leaves the running model untou
 
 Typical use (the service's poll loop or ``edge-agent pull``)::
 
-    client = RegistryClient(cfg.registry.url, cfg.registry.public_keys, cfg.storage.dir, probe)
+    client = RegistryClient(cfg.registry.url, cfg.registry.public_key, cfg.storage.dir, probe)
     result = client.pull("ct-abdomen-seg")           # latest version, variants chosen for this device
     ...self-test / shadow validation (not here)...; client.rollback("ct-abdomen-seg") on failure
 
@@ -131,7 +131,7 @@ class RegistryClient:
         self._probe = probe
         self._keys = [self._read_key(k) for k in public_keys]
         if not self._keys:
-            raise RegistryError("no trusted registry public key configured (registry.public_keys)")
+            raise RegistryError("no trusted registry public key configured (registry.public_key)")
         self._ssl = ssl.create_default_context(cafile=str(cafile) if cafile else None) \
             if parts.scheme == "https" else None
         self._fetched: dict[tuple[str, str], _Fetched] = {}

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -224,14 +225,13 @@ class _PyCuda:
 
 def _import_cuda(device: int) -> CudaApi:
     """A CudaApi on ``device``: cuda-python if installed, else pycuda (tests replace this)."""
-    try:
+    # cuda-python >= 12.6 moved the runtime bindings to cuda.bindings; older ones have cuda.cudart
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):
         try:
-            from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+            cudart = importlib.import_module(name)
         except ImportError:
-            from cuda import cudart  # older cuda-python
+            continue
         return _CudaPython(cudart, device)
-    except ImportError:
-        pass  # no cuda-python: try pycuda below
     try:
         import pycuda.driver as driver
     except ImportError as exc:

@@ -1,0 +1,541 @@
+"""``edge-deploy gate``: prove every variant against FP32 on held-out data; fail the ones that drift.
+
+Takes a quantized build folder (``variants.json``) and:
+
+1. generates a held-out validation set with ``deploy.evaluate.generate_heldout`` (seed
+   ``validation_seed``; disjoint from the calibration set, whose series seeds are checked, and
+   from the training seeds) as real DICOM files, unless ``--dicom`` names a folder of series;
+2. runs FP32 and then every variant over it with ``deploy.evaluate.evaluate_model``, i.e. the
+   agent's own pipeline (``load_series`` -> ``prepare`` -> sliding window / one batch ->
+   postprocess) on the agent's own backends (``agent.inference.registry``). TensorRT graphs, which
+   need a GPU, are run by ONNX Runtime on the CPU: their Q/DQ nodes then compute exactly the
+   quantize/dequantize arithmetic the engine applies (a simulation of the numerics, not of the
+   engine's kernels; the on-device self-test covers those);
+3. compares each variant with FP32 on the same data against the model's ``[gate]`` thresholds
+   (``agent.modelspec.GateSpec``): accuracy drop, every class's recall drop, mean Dice drop,
+   every label's Dice drop, argmax agreement with FP32 (samples or voxels);
+4. checks batch-size invariance: the same inputs at batch 1, 2 and 4 must give the same argmax
+   (and logits within a small tolerance);
+5. reads back the precision the runtime really executes (ONNX Runtime's optimized graph:
+   integer vs float kernels per conv; OpenVINO's compiled model: runtime precision per layer);
+6. writes a self-test vector per passing variant (``selftest/<id>.npz``) and ``gate.json``.
+
+A variant fails on any threshold; ``gate.json`` says which and by how much. Failed variants are
+never published.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import EdgeAgentError
+from agent.manifest import sha256_file
+from agent.modelspec import GateSpec, ModelSpec, load_spec
+from deploy.calibrate import QuantConfig, config_from_args, sliding_window_patches
+from deploy.variants import (
+    VariantSpec,
+    atomic_path,
+    catalogue_by_id,
+    default_build_dir,
+    read_json,
+    write_json,
+)
+
+logger = logging.getLogger(__name__)
+
+#: batch sizes whose predictions must agree
+BATCH_SIZES = (1, 2, 4)
+#: batch invariance: logits may differ by this much (relative to the logit scale) between batch
+#: sizes (different kernels / blocking per batch size round differently)
+BATCH_RTOL = 1e-3
+#: segmentation: share of voxels whose argmax must agree between batch sizes
+BATCH_VOXEL_AGREEMENT = 0.9999
+
+
+class GateError(EdgeAgentError):
+    """The gate could not run (missing build artefacts, overlapping data sets)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Verdicts
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Result of comparing one variant's metrics with FP32's."""
+
+    passed: bool
+    metrics: dict[str, float]
+    reference: dict[str, float]
+    drops: dict[str, float]
+    thresholds: dict[str, float]
+    failures: tuple[str, ...]
+
+
+def _fail(name: str, drop: float, limit: float, unit: str = "") -> str:
+    scale = 100.0 if unit == "points" else 1.0
+    return (f"{name} {drop * scale:.3f}{' ' + unit if unit else ''} > {limit * scale:.3f} allowed "
+            f"(over by {(drop - limit) * scale:.3f})")
+
+
+def compare_classification(ref: Mapping[str, Any], var: Mapping[str, Any], agreement: float,
+                           gate: GateSpec) -> Verdict:
+    """Compare classification metrics (``deploy.metrics.classification_metrics`` dicts) of a
+    variant with FP32's on the same samples. ``agreement``: share of samples whose argmax equals
+    FP32's. Drops are FP32 minus variant (positive = worse); pass only if every drop is within
+    ``gate``."""
+    metrics = {"accuracy": float(var["accuracy"]), "argmax_agreement": float(agreement)}
+    reference = {"accuracy": float(ref["accuracy"])}
+    drops = {"accuracy": reference["accuracy"] - metrics["accuracy"]}
+    failures = []
+    if drops["accuracy"] > gate.max_accuracy_drop + 1e-12:
+        failures.append(_fail("accuracy drop", drops["accuracy"], gate.max_accuracy_drop, "points"))
+    for name, row in var["per_class"].items():
+        ref_row = ref["per_class"][name]
+        for key in ("precision", "recall", "f1"):
+            metrics[f"{key}.{name}"] = float(row[key])
+            reference[f"{key}.{name}"] = float(ref_row[key])
+        drop = float(ref_row["recall"]) - float(row["recall"])
+        drops[f"recall.{name}"] = drop
+        if drop > gate.max_recall_drop + 1e-12:
+            failures.append(_fail(f"recall drop of class {name}", drop, gate.max_recall_drop, "points"))
+    if agreement < gate.min_argmax_agreement:
+        failures.append(f"argmax agreement with FP32 {agreement:.4f} < {gate.min_argmax_agreement:.4f} required "
+                        f"(short by {gate.min_argmax_agreement - agreement:.4f})")
+    thresholds = {"max_accuracy_drop": gate.max_accuracy_drop, "max_recall_drop": gate.max_recall_drop,
+                  "min_argmax_agreement": gate.min_argmax_agreement}
+    return Verdict(not failures, metrics, reference, drops, thresholds, tuple(failures))
+
+
+def compare_segmentation(ref: Mapping[str, Any], var: Mapping[str, Any], agreement: float,
+                         gate: GateSpec) -> Verdict:
+    """Compare segmentation metrics (``SegmentationScorer.summary`` dicts) of a variant with
+    FP32's on the same cases. ``agreement``: share of voxels whose label equals FP32's."""
+    metrics = {"mean_dice": float(var["mean_dice"]), "argmax_agreement": float(agreement)}
+    reference = {"mean_dice": float(ref["mean_dice"])}
+    drops = {"mean_dice": reference["mean_dice"] - metrics["mean_dice"]}
+    failures = []
+    if drops["mean_dice"] > gate.max_mean_dice_drop + 1e-12:
+        failures.append(_fail("mean Dice drop", drops["mean_dice"], gate.max_mean_dice_drop))
+    for name, value in var["dice"].items():
+        metrics[f"dice.{name}"] = float(value)
+        reference[f"dice.{name}"] = float(ref["dice"][name])
+        drop = float(ref["dice"][name]) - float(value)
+        drops[f"dice.{name}"] = drop
+        if drop > gate.max_label_dice_drop + 1e-12:
+            failures.append(_fail(f"Dice drop of label {name}", drop, gate.max_label_dice_drop))
+    if agreement < gate.min_argmax_agreement:
+        failures.append(f"voxel agreement with FP32 {agreement:.4f} < {gate.min_argmax_agreement:.4f} required "
+                        f"(short by {gate.min_argmax_agreement - agreement:.4f})")
+    thresholds = {"max_mean_dice_drop": gate.max_mean_dice_drop, "max_label_dice_drop": gate.max_label_dice_drop,
+                  "min_argmax_agreement": gate.min_argmax_agreement}
+    return Verdict(not failures, metrics, reference, drops, thresholds, tuple(failures))
+
+
+def argmax_agreement(ref_outputs: Sequence[np.ndarray], var_outputs: Sequence[np.ndarray], task: str) -> float:
+    """Share of samples (classification logits -> argmax) or voxels (label maps) that agree."""
+    from deploy.metrics import argmax_agreement as agree
+
+    if task == "classification":
+        return agree([np.asarray([np.argmax(o)]) for o in ref_outputs],
+                     [np.asarray([np.argmax(o)]) for o in var_outputs])
+    return agree(ref_outputs, var_outputs)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading variants through the agent's backends
+# --------------------------------------------------------------------------------------------
+
+
+def load_variant(spec: ModelSpec, v: VariantSpec, path: Path, threads: int, warm: tuple[int, ...] | None = None) -> Any:
+    """Load ``path`` on the backend that validates ``v`` here (its own, or ONNX Runtime for
+    TensorRT graphs) through ``agent.inference.registry``; returns the loaded Backend."""
+    from agent.inference import registry
+
+    backend = registry.create(v.validated_with)
+    options: dict[str, Any] = dict(v.gate_options) if v.gate_backend else dict(v.options)
+    if warm is not None:
+        options["warmup_shape"] = warm
+    backend.load(path, precision=v.precision, threads=threads, options=options)
+    return backend
+
+
+def warmup_shape(spec: ModelSpec) -> tuple[int, ...] | None:
+    """The model input shape at batch 1 (the sliding-window patch for 3D models)."""
+    if spec.input.dims == 3 and spec.input.patch_size is not None:
+        return (1, spec.input.channels, *spec.input.patch_size)
+    if spec.input.target_size is not None:
+        return (1, spec.input.channels, *spec.input.target_size)
+    return None
+
+
+def batch_invariance(backend: Any, inputs: np.ndarray, task: str) -> dict[str, Any]:
+    """Run ``inputs`` (N >= 4, C, *spatial) at batch sizes 1, 2 and 4 and compare.
+
+    Returns ``{"passed", "max_abs_diff", "rel_diff", "argmax_agreement"}``: argmax must agree
+    everywhere (classification) or on >= BATCH_VOXEL_AGREEMENT of voxels (segmentation), and the
+    logits within BATCH_RTOL of their scale.
+    """
+    n = (len(inputs) // 4) * 4
+    if n == 0:
+        raise GateError("batch invariance needs at least 4 inputs")
+    x = np.ascontiguousarray(inputs[:n], dtype=np.float32)
+    outs = {}
+    for bs in BATCH_SIZES:
+        outs[bs] = np.concatenate([backend.run(x[i:i + bs]) for i in range(0, n, bs)])
+    ref = outs[1]
+    scale = float(np.max(np.abs(ref))) or 1.0
+    max_diff = max(float(np.max(np.abs(outs[bs] - ref))) for bs in BATCH_SIZES[1:])
+    agree = min(float(np.mean(np.argmax(outs[bs], axis=1) == np.argmax(ref, axis=1))) for bs in BATCH_SIZES[1:])
+    need = 1.0 if task == "classification" else BATCH_VOXEL_AGREEMENT
+    passed = agree >= need and max_diff <= BATCH_RTOL * scale
+    return {"passed": bool(passed), "max_abs_diff": max_diff, "rel_diff": max_diff / scale,
+            "argmax_agreement": agree, "batch_sizes": list(BATCH_SIZES), "n": n}
+
+
+# --------------------------------------------------------------------------------------------
+# Execution precision, read back from the runtime
+# --------------------------------------------------------------------------------------------
+
+_ORT_INT_KERNELS = {"QLinearConv", "NhwcQLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm",
+                    "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+_ORT_FLOAT_KERNELS = {"Conv", "FusedConv", "ConvTranspose", "Gemm", "MatMul", "FusedGemm", "FusedMatMul",
+                      "NhwcFusedConv"}
+
+
+def ort_execution_precision(path: Path, threads: int = 1) -> dict[str, Any]:
+    """What ONNX Runtime (CPU EP) really runs: count conv/gemm kernels in its optimized graph.
+
+    Integer kernels (QLinearConv, QGemm, ...) count as int8; float ones by the element type of
+    their weight (fp16 or fp32). A Q/DQ graph whose convolutions stayed float (an s8 pattern ORT
+    x86 does not fuse, or a TensorRT layout) shows up here as simulated Q/DQ on float kernels.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="edge-deploy-ortopt-") as tmp:
+        opt = Path(tmp) / "optimized.onnx"
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = str(opt)
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3  # the "hardware specific optimizations" notice is expected here
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        model = onnx.load(str(opt))
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    counts: collections.Counter[str] = collections.Counter()
+    qdq_sim = sum(1 for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
+    for node in model.graph.node:
+        if node.op_type in _ORT_INT_KERNELS:
+            counts["int8"] += 1
+        elif node.op_type in _ORT_FLOAT_KERNELS:
+            dtype = inits.get(node.input[1]) if len(node.input) > 1 else None
+            counts["fp16" if dtype == onnx.TensorProto.FLOAT16 else "fp32"] += 1
+    total = sum(counts.values())
+    if counts["int8"] and counts["int8"] == total:
+        summary = "int8"
+    elif counts["int8"]:
+        summary = f"int8+fp32 ({counts['int8']}/{total} conv/gemm int8)"
+    elif counts["fp16"]:
+        summary = "fp16" if counts["fp16"] == total else f"fp16+fp32 ({counts['fp16']}/{total} fp16)"
+    elif qdq_sim:
+        summary = "fp32 (Q/DQ simulated on float kernels)"
+    else:
+        summary = "fp32"
+    return {"runtime": f"onnxruntime {ort.__version__} CPU", "summary": summary, "kernels": dict(counts),
+            "qdq_nodes_left": qdq_sim}
+
+
+def openvino_execution_precision(path: Path, hint: str, threads: int = 1) -> dict[str, Any]:
+    """What OpenVINO (CPU) really runs: runtime precision of each conv/matmul layer of the
+    compiled model, with ``INFERENCE_PRECISION_HINT=hint`` set explicitly, plus the hint read back."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+        "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": max(1, threads), "PERFORMANCE_HINT": "LATENCY"})
+    read_back = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    counts: collections.Counter[str] = collections.Counter()
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        layer = info["layerType"].astype(str)
+        if layer in ("Convolution", "Deconvolution", "FullyConnected", "MatMul", "GroupConvolution"):
+            counts[info["runtimePrecision"].astype(str)] += 1
+    names = {"u8": "int8", "i8": "int8", "f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+    by = collections.Counter()
+    for k, c in counts.items():
+        by[names.get(k, k)] += c
+    total = sum(by.values())
+    top = by.most_common()
+    summary = top[0][0] if len(top) == 1 else "+".join(k for k, _ in top) + " (" + ", ".join(
+        f"{c}/{total} {k}" for k, c in top) + ")"
+    return {"runtime": f"openvino {ov.__version__.split('-')[0]} CPU", "summary": summary,
+            "hint_read_back": read_back, "layers": dict(by)}
+
+
+def execution_precision(v: VariantSpec, path: Path, threads: int) -> dict[str, Any]:
+    """Read back the precision ``v`` executes in on this machine (see the two functions above)."""
+    if v.validated_with == "openvino":
+        hint = str(v.options.get("inference_precision", "f32"))
+        return openvino_execution_precision(path, hint, threads)
+    return ort_execution_precision(path, threads)
+
+
+# --------------------------------------------------------------------------------------------
+# Self-test vectors
+# --------------------------------------------------------------------------------------------
+
+
+def selftest_inputs(spec: ModelSpec, folders: Sequence[Path], n2d: int = 4) -> np.ndarray:
+    """Inputs for self-tests and batch checks, prepared by the agent's own code: 2D: the first
+    ``max(n2d, 4)`` validation slices; 3D: 4 sliding-window patches of the first volume."""
+    from agent.imaging import load_series, prepare
+
+    if spec.input.dims == 3:
+        assert spec.input.patch_size is not None
+        volume = load_series(sorted(folders[0].glob("*.dcm")))
+        image = prepare(volume, spec.input).array
+        patches = sliding_window_patches(image, spec.input.patch_size, spec.input.overlap, 4,
+                                         np.random.default_rng(0))
+        while len(patches) < 4:  # a volume smaller than 4 patches: repeat (still checks batching)
+            patches.append(patches[len(patches) % max(1, len(patches))])
+        return np.stack(patches).astype(np.float32)
+    arrays = [prepare(load_series(sorted(f.glob("*.dcm"))), spec.input).array for f in folders[: max(n2d, 4)]]
+    return np.stack(arrays).astype(np.float32)
+
+
+def write_selftest(out: Path, v: VariantSpec, task: str, x: np.ndarray, expected: np.ndarray,
+                   fp32_out: np.ndarray) -> dict[str, Any]:
+    """Write ``out`` (npz: input, expected) and return its SelfTest fields (tolerances chosen from
+    how far this variant already is from FP32 on the same input: another CPU's kernels round
+    differently, by less than the quantization itself)."""
+    scale = float(np.max(np.abs(expected))) or 1.0
+    quant_err = float(np.percentile(np.abs(expected - fp32_out), 99))
+    simulated = bool(v.gate_backend and v.gate_backend != v.backend)
+    if v.precision == "fp32":
+        atol, rtol, close, agree = 1e-3 * scale, 1e-3, 0.999, 0.999
+    elif simulated:  # the real engine vs a CPU simulation of its arithmetic
+        atol, rtol, close, agree = max(2 * quant_err, 0.01 * scale), 0.05, 0.95, 0.98
+    else:
+        atol, rtol, close, agree = max(quant_err, 2e-3 * scale), 0.01, 0.99, 0.99
+    if task == "classification":
+        agree = 1.0  # the inputs are whole slices: every one must keep its class
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, input=x.astype(np.float32), expected=expected.astype(np.float32))
+    return {"file": f"selftest/{out.name}", "sha256": sha256_file(out), "size": out.stat().st_size,
+            "input_shape": list(x.shape), "atol": float(atol), "rtol": float(rtol),
+            "min_close_fraction": close, "min_argmax_agreement": agree}
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def _check_disjoint(build: Path, seed: int, n: int) -> None:
+    """Refuse a validation set that shares a series with the calibration set."""
+    from deploy.synth import derive_seed
+
+    calib = read_json(build / "calibration.json")
+    used = set(calib.get("series_seeds", ()))
+    overlap = [i for i in range(n) if derive_seed(seed, i) in used]
+    if overlap:
+        raise GateError(f"validation seed {seed}: series {overlap[:5]} are also in the calibration set; "
+                        "use a different validation_seed")
+
+
+def gate(model_dir: Path, build: Path, cfg: QuantConfig, variant_ids: Sequence[str] | None = None,
+         dicom: Path | None = None, n: int | None = None) -> dict[str, Any]:
+    """Run the gate for every built variant in ``build``; write and return gate.json's document."""
+    from tqdm import tqdm
+
+    from deploy.drift_profile import DriftAccumulator
+    from deploy.evaluate import evaluate_model, generate_heldout
+
+    spec = load_spec(model_dir)
+    vdoc_path = build / "variants.json"
+    if not vdoc_path.exists():
+        raise GateError(f"{vdoc_path} not found: run `edge-deploy quantize` first")
+    vdoc = read_json(vdoc_path)
+    known = catalogue_by_id()
+    records = [r for r in vdoc["variants"] if not variant_ids or r["id"] in variant_ids or r["id"] == "fp32"]
+    fp32_rec = next((r for r in records if r["id"] == "fp32" and r["built"]), None)
+    if fp32_rec is None:
+        raise GateError("the fp32 variant is missing from variants.json; it is the gate's reference")
+    is_3d = spec.input.dims == 3
+    n = n or (cfg.validation_volumes if is_3d else cfg.validation_samples)
+    t_start = time.perf_counter()
+    results: dict[str, Any] = {}
+
+    with tempfile.TemporaryDirectory(prefix="validation-", dir=build) as tmp:
+        if dicom is None:
+            _check_disjoint(build, cfg.validation_seed, n)
+            with tqdm(total=n, desc="validation set", unit="series", file=sys.stderr) as bar:
+                folders = generate_heldout(spec.task, Path(tmp), n, cfg.validation_seed,
+                                           progress=lambda *_: bar.update(1))
+            data_dir, source = Path(tmp), f"deploy.synth seed {cfg.validation_seed}, {n} series"
+        else:
+            data_dir, source = dicom, f"DICOM folder {dicom}"
+            folders = sorted(p for p in dicom.iterdir() if p.is_dir())
+        common = {"data_dir": data_dir, "keep_outputs": True, "progress": False, "threads": cfg.threads}
+        probe_inputs = selftest_inputs(spec, folders)
+        warm = warmup_shape(spec)
+
+        # FP32 reference: once
+        ref = evaluate_model(model_dir, n, cfg.validation_seed, variant_path=build / fp32_rec["file"],
+                             backend="onnxruntime", precision="fp32", **common)
+        ref_outputs = ref.pop("outputs")
+        fp32_backend = load_variant(spec, known["fp32"], build / fp32_rec["file"], cfg.threads, warm)
+        fp32_probe = fp32_backend.run(probe_inputs)
+        del fp32_backend
+        drift = DriftAccumulator(spec.input.modality)
+        if spec.task == "classification":
+            from agent.imaging import classification_outputs
+
+            for logits in ref_outputs:
+                out = classification_outputs(logits, spec.labels)
+                drift.add_classification(out.label, out.confidence)
+        else:
+            for label_map in ref_outputs:
+                counts = np.bincount(np.asarray(label_map).ravel(), minlength=len(spec.labels))
+                drift.add_segmentation({name: float(counts[i]) / label_map.size
+                                        for i, name in enumerate(spec.labels) if i > 0})
+        drift_outputs = drift.outputs()
+
+        bar = tqdm(records, desc="gate", unit="variant", file=sys.stderr)
+        for rec in bar:
+            bar.set_postfix_str(rec["id"])
+            v = known[rec["id"]]
+            if not rec["built"]:
+                results[v.id] = {"passed": False, "failures": [f"not built: {rec.get('reason', '?')}"]}
+                continue
+            path = build / rec["file"]
+            digest = sha256_file(path)
+            if digest != rec["sha256"]:
+                raise GateError(f"{path.name} changed since `quantize` (sha256 mismatch); re-run quantize")
+            t0 = time.perf_counter()
+            try:
+                res = ref if v.id == "fp32" else evaluate_model(
+                    model_dir, n, cfg.validation_seed, variant_path=path, backend=v.validated_with,
+                    precision=v.precision, **common)
+                outputs = ref_outputs if v.id == "fp32" else res.pop("outputs")
+                backend = load_variant(spec, v, path, cfg.threads, warm)
+                inv = batch_invariance(backend, probe_inputs, spec.task)
+                probe_out = backend.run(probe_inputs)
+                described = backend.describe()
+                del backend
+                exec_prec = execution_precision(v, path, cfg.threads)
+            except EdgeAgentError as exc:
+                results[v.id] = {"passed": False, "file": rec["file"], "sha256": digest,
+                                 "failures": [f"could not run on {v.validated_with}: {exc}"]}
+                logger.error("variant %s: %s", v.id, exc)
+                continue
+            agree = argmax_agreement(ref_outputs, outputs, spec.task)
+            verdict = (compare_classification(ref, res, agree, spec.gate) if spec.task == "classification"
+                       else compare_segmentation(ref, res, agree, spec.gate))
+            failures = list(verdict.failures)
+            if not inv["passed"]:
+                failures.append(f"batch sizes {BATCH_SIZES} disagree: argmax agreement {inv['argmax_agreement']:.5f}, "
+                                f"max logit difference {inv['max_abs_diff']:.3g} ({inv['rel_diff']:.2e} of scale)")
+            passed = not failures
+            entry: dict[str, Any] = {
+                "passed": passed,
+                "file": rec["file"],
+                "sha256": digest,
+                "validated_with": v.validated_with + (" (CPU simulation of the Q/DQ arithmetic)"
+                                                      if not v.native_here else ""),
+                "backend_reported_precision": described.precision,
+                "execution_precision": exec_prec,
+                "n_samples": int(res["n"]),
+                "metrics": verdict.metrics,
+                "reference": verdict.reference,
+                "drops": verdict.drops,
+                "thresholds": verdict.thresholds,
+                "failures": failures,
+                "batch_invariance": inv,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "timings_ms": res.get("timings_ms", {}),
+            }
+            if passed:
+                entry["selftest"] = write_selftest(build / "selftest" / f"{v.id}.npz", v, spec.task,
+                                                   probe_inputs, probe_out, fp32_probe)
+            results[v.id] = entry
+
+    doc = {
+        "model": spec.name,
+        "version": spec.version,
+        "task": spec.task,
+        "validation": {"source": source, "seed": cfg.validation_seed if dicom is None else None, "n": n,
+                       "calibration_seed": cfg.calibration_seed, "disjoint_from_calibration": dicom is None},
+        "thresholds": spec.gate.model_dump(),
+        "reference": {k: v for k, v in ref.items() if k not in ("outputs",)},
+        "drift_outputs": drift_outputs,
+        "variants": results,
+        "passed": sorted(k for k, r in results.items() if r.get("passed")),
+        "failed": sorted(k for k, r in results.items() if not r.get("passed")),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    write_json(build / "gate.json", doc)
+    return doc
+
+
+def format_report(doc: Mapping[str, Any]) -> str:
+    """A short human-readable summary of gate.json."""
+    lines = [f"{doc['model']} {doc['version']}: gate on {doc['validation']['source']}"]
+    for vid, r in doc["variants"].items():
+        status = "PASS" if r.get("passed") else "FAIL"
+        m = r.get("metrics", {})
+        key = "accuracy" if "accuracy" in m else "mean_dice"
+        fig = f"{key} {m[key]:.4f} agree {m.get('argmax_agreement', float('nan')):.4f}" if key in m else ""
+        prec = r.get("execution_precision", {}).get("summary", "")
+        lines.append(f"  {status} {vid:<15} {fig:<38} {prec}")
+        for f in r.get("failures", []):
+            lines.append(f"       - {f}")
+    return "\n".join(lines)
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``edge-deploy gate``."""
+    p = subparsers.add_parser(
+        "gate",
+        help="accuracy gate: every variant vs FP32 on a held-out set (thresholds from model.toml [gate])",
+        description="Run FP32 and every built variant over a held-out validation set (disjoint from "
+        "calibration) through the agent's pipeline and backends; fail variants whose accuracy, class "
+        "recall, Dice or argmax agreement drop beyond the model's thresholds, or whose predictions "
+        "change with the batch size. Writes gate.json and self-test vectors.",
+    )
+    p.add_argument("model_dir", type=Path, help="model folder with model.toml")
+    p.add_argument("--build", type=Path, default=None, help="build folder (default build/deploy/<model>)")
+    p.add_argument("--variants", default="", help="comma-separated variant ids (default: all built)")
+    p.add_argument("--n", type=int, default=None, help="validation series (default: model.toml / 480 slices, 6 volumes)")
+    p.add_argument("--seed", type=int, default=None, help="validation set seed (default 300001)")
+    p.add_argument("--dicom", type=Path, default=None, help="validate on this folder of series (with truth.json/labels.npy)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default 2)")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    spec = load_spec(args.model_dir)
+    cfg = config_from_args(args.model_dir, argparse.Namespace(threads=args.threads))
+    if args.seed is not None:
+        cfg = replace(cfg, validation_seed=args.seed)
+    build = args.build or default_build_dir(spec.name)
+    ids = [v for v in args.variants.split(",") if v] or None
+    doc = gate(args.model_dir, build, cfg, ids, args.dicom, args.n)
+    print(format_report(doc))
+    return 0 if not doc["failed"] else 1

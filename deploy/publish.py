@@ -1,0 +1,300 @@
+"""``edge-deploy publish``: write the signed, static model registry from gated build folders.
+
+Takes one or more build folders (``--from``; default every folder under ``build/deploy`` that has
+a ``gate.json``) and a registry folder (``--out``) and writes, per model version::
+
+    REGISTRY/index.json (+ index.json.sig)        merged with what the registry already holds
+    REGISTRY/<model>/<version>/manifest.json       agent.manifest.Manifest, canonical JSON
+    REGISTRY/<model>/<version>/manifest.json.sig   Ed25519 over the exact manifest bytes (64 bytes)
+    REGISTRY/<model>/<version>/<variant files>     only variants that passed the gate
+    REGISTRY/<model>/<version>/selftest/<id>.npz   self-test vectors
+
+Only variants that passed the gate are published, and only if the file on disk is byte-identical
+(SHA-256) to the file the gate validated. FP32 must pass (it is the fallback every device can
+run). A version is staged in a hidden folder next to its final place, verified (signature and
+every digest), then renamed into place in one step, so an interrupted publish (Ctrl-C) leaves the
+registry as it was. Published versions are immutable: re-publishing one needs ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from agent.errors import EdgeAgentError
+from agent.manifest import (
+    Index,
+    Manifest,
+    canonical_json,
+    key_id,
+    parse_manifest,
+    sha256_bytes,
+    sha256_file,
+    verify_file,
+    verify_manifest,
+)
+from agent.modelspec import load_spec
+from deploy.sign import load_private_key, public_pem, sign
+from deploy.variants import (
+    atomic_write,
+    catalogue_by_id,
+    host,
+    read_json,
+)
+
+logger = logging.getLogger(__name__)
+
+#: preference order among variants whose requirements a device meets: GPU first (its engines are
+#: built on the device), then CPU variants by measured speed, FP32 last
+_GPU_ORDER = ("trt-fp8", "trt-int8", "trt-fp16")
+
+
+class PublishError(EdgeAgentError):
+    """Publishing failed; the registry was left unchanged."""
+
+
+def _version_key(version: str) -> tuple[Any, ...]:
+    """Sort key for versions: numeric dotted parts compare as numbers (1.10 > 1.9)."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.+-]", version))
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _priorities(passed: Sequence[str], bench_rows: Mapping[str, Mapping[str, Any]], is_3d: bool) -> dict[str, int]:
+    """Rank passing variants: TensorRT ones first, then CPU variants by the measured latency here
+    (full volume for 3D), unmeasured ones after, ``fp32`` always last."""
+    key = "full_volume_ms" if is_3d else "latency_ms_median"
+    gpu = [v for v in _GPU_ORDER if v in passed]
+    cpu = [v for v in passed if v not in gpu and v != "fp32"]
+    measured = sorted((v for v in cpu if key in bench_rows.get(v, {})), key=lambda v: bench_rows[v][key])
+    rest = [v for v in cpu if v not in measured]
+    order = gpu + measured + rest + (["fp32"] if "fp32" in passed else [])
+    return {v: i for i, v in enumerate(order)}
+
+
+def build_manifest(build: Path, key_pem: bytes) -> tuple[dict[str, Any], list[tuple[Path, str]]]:
+    """The manifest document for ``build`` and the (source file, registry-relative name) pairs
+    to copy. Raises PublishError when FP32 did not pass or a file differs from what was gated."""
+    spec = load_spec(build)  # the model.toml copied at calibration time
+    calib = read_json(build / "calibration.json")
+    vdoc = read_json(build / "variants.json")
+    gdoc = read_json(build / "gate.json") if (build / "gate.json").exists() else None
+    if gdoc is None:
+        raise PublishError(f"{build}: no gate.json; run `edge-deploy gate` first (nothing ungated is published)")
+    bench_path = build / "bench" / "report.json"
+    bdoc = read_json(bench_path) if bench_path.exists() else None
+    bench_rows = {r["id"]: r for r in (bdoc or {}).get("variants", [])}
+    known = catalogue_by_id()
+    gated = gdoc["variants"]
+    if not gated.get("fp32", {}).get("passed"):
+        raise PublishError(f"{spec.name}: the fp32 variant did not pass the gate ({gated.get('fp32', {}).get('failures')}); "
+                           "nothing is published without the fallback")
+
+    passed = [r["id"] for r in vdoc["variants"] if r.get("built") and gated.get(r["id"], {}).get("passed")]
+    prio = _priorities(passed, bench_rows, spec.input.dims == 3)
+    files: dict[str, str] = {}  # registry name -> sha256 (variants may share one file)
+    copies: list[tuple[Path, str]] = []
+    variants = []
+    for rec in vdoc["variants"]:
+        vid = rec["id"]
+        if vid not in passed:
+            continue
+        v = known[vid]
+        g = gated[vid]
+        path = build / rec["file"]
+        digest = sha256_file(path)
+        if digest != g["sha256"] or digest != rec["sha256"]:
+            raise PublishError(f"{path.name}: sha256 {digest} differs from the gated file {g['sha256']}; re-run the gate")
+        if rec["file"] not in files:
+            files[rec["file"]] = digest
+            copies.append((path, rec["file"]))
+        selftest = None
+        if g.get("selftest"):
+            st = g["selftest"]
+            st_path = build / st["file"]
+            if sha256_file(st_path) != st["sha256"]:
+                raise PublishError(f"{st_path}: changed since the gate")
+            copies.append((st_path, st["file"]))
+            selftest = st
+        b = bench_rows.get(vid, {})
+        bench = None
+        if "latency_ms_median" in b:
+            bench = {
+                "device": bdoc["device"] if bdoc else host().describe(),
+                "threads": int(bdoc["threads"]) if bdoc else 0,
+                "latency_ms_median": round(b["latency_ms_median"], 3),
+                "latency_ms_p95": round(b["latency_ms_p95"], 3),
+                "throughput_per_s": round(b["throughput_per_s"], 3),
+                "throughput_batch": int(b["throughput_batch"]),
+                "peak_rss_mb": b.get("peak_rss_mb"),
+                "full_volume_ms": round(b["full_volume_ms"], 1) if "full_volume_ms" in b else None,
+                "speedup_vs_fp32": b.get("speedup_full_volume", b.get("speedup_latency")),
+                "note": b.get("note", ""),
+            }
+        elif b.get("skipped"):
+            bench = {"device": bdoc["device"] if bdoc else "", "threads": 0, "note": b["skipped"]}
+        variants.append({
+            "id": vid,
+            "backend": v.backend,
+            "precision": v.precision,
+            "file": rec["file"],
+            "sha256": digest,
+            "size": path.stat().st_size,
+            "format": v.format,
+            "options": dict(v.options),
+            "execution_precision": g.get("execution_precision", {}).get("summary", v.precision),
+            "requires": {k: (list(x) if isinstance(x, tuple) else x) for k, x in v.requires.items()},
+            "description": v.description,
+            "priority": prio[vid],
+            "gate": {
+                "passed": True,
+                "validated_with": g["validated_with"],
+                "n_samples": g["n_samples"],
+                "metrics": g["metrics"],
+                "reference": g["reference"],
+                "drops": g["drops"],
+                "thresholds": g["thresholds"],
+                "failures": [],
+                "batch_invariant": bool(g["batch_invariance"]["passed"]),
+            },
+            "bench": bench,
+            "selftest": selftest,
+        })
+    drift = read_json(build / "drift.json") if (build / "drift.json").exists() else None
+    if drift is not None:
+        drift = {**drift, "outputs": gdoc.get("drift_outputs", {})}
+    doc = {
+        "schema_version": 1,
+        "name": spec.name,
+        "version": spec.version,
+        "created_at": _now(),
+        "task": spec.task,
+        "spec": spec.model_dump(mode="json"),
+        "input_name": "input",
+        "output_name": "logits",
+        "fallback": "fp32",
+        "variants": sorted(variants, key=lambda x: x["priority"]),
+        "calibration": {k: calib.get(k) for k in ("method", "percentile", "source", "n_tensors", "tensor_shape",
+                                                   "n_series", "groups", "source_sha256")},
+        "validation": {**gdoc["validation"], "reference": {k: v for k, v in gdoc["reference"].items()
+                                                           if isinstance(v, (int, float, str, dict, list))},
+                       "failed_variants": {k: gated[k].get("failures", []) for k in gdoc.get("failed", [])}},
+        "drift": drift,
+        "toolchain": {**{k: str(v) for k, v in host().libraries.items()}, "edge-agent": _edge_agent_version()},
+        "signing_key_id": key_id(key_pem),
+    }
+    # validate now: a manifest the agent would reject must never be signed
+    Manifest.model_validate(doc)
+    return doc, copies
+
+
+def _edge_agent_version() -> str:
+    import deploy
+
+    return str(getattr(deploy, "__version__", "0"))
+
+
+def publish_build(build: Path, registry: Path, key_path: Path, force: bool = False) -> Path:
+    """Publish one build folder into ``registry``; return the published manifest path."""
+    key = load_private_key(key_path)
+    pem = public_pem(key)
+    doc, copies = build_manifest(build, pem)
+    name, version = doc["name"], doc["version"]
+    final = registry / name / version
+    if final.exists() and not force:
+        raise PublishError(f"{final} is already published; bump the model version or pass --force")
+    staging = registry / name / f".{version}.staging-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        staging.mkdir(parents=True)
+        for src, rel in copies:
+            dst = staging / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+        manifest_bytes = canonical_json(doc)
+        (staging / "manifest.json").write_bytes(manifest_bytes)
+        (staging / "manifest.json.sig").write_bytes(sign(key, manifest_bytes))
+        # verify exactly what an agent will download before it becomes visible
+        manifest = verify_manifest((staging / "manifest.json").read_bytes(),
+                                   (staging / "manifest.json.sig").read_bytes(), [pem])
+        for v in manifest.variants:
+            verify_file(staging / v.file, v.sha256, v.size)
+            if v.selftest is not None:
+                verify_file(staging / v.selftest.file, v.selftest.sha256, v.selftest.size)
+        old = None
+        if final.exists():  # --force: swap, then delete the old version
+            old = registry / name / f".{version}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(staging, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        # Ctrl-C or any failure: the half-built version never becomes visible
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    update_index(registry, key, pem, name, version, sha256_bytes(manifest_bytes), doc["created_at"],
+                 [v["id"] for v in doc["variants"]])
+    return final / "manifest.json"
+
+
+def update_index(registry: Path, key: Any, pem: bytes, name: str, version: str, digest: str, created_at: str,
+                 variant_ids: Sequence[str]) -> None:
+    """Merge one model version into ``registry/index.json`` and re-sign it (both written atomically)."""
+    path = registry / "index.json"
+    models: dict[str, Any] = {}
+    if path.exists():
+        try:
+            models = Index.model_validate_json(path.read_bytes()).model_dump(mode="json")["models"]
+        except ValueError as exc:
+            raise PublishError(f"{path} exists but is not a valid registry index: {exc}") from exc
+    entry = models.setdefault(name, {"latest": version, "versions": {}})
+    entry["versions"][version] = {"manifest": f"{name}/{version}/manifest.json", "sha256": digest,
+                                  "created_at": created_at, "variants": list(variant_ids)}
+    entry["latest"] = max(entry["versions"], key=_version_key)
+    doc = Index.model_validate({"schema_version": 1, "updated_at": _now(), "models": models}).model_dump(mode="json")
+    data = canonical_json(doc)
+    atomic_write(path, data)
+    atomic_write(registry / "index.json.sig", sign(key, data))
+
+
+def find_builds(root: Path = Path("build/deploy")) -> list[Path]:
+    """Build folders under ``root`` that have a gate.json (what ``publish`` takes by default)."""
+    return sorted(p.parent for p in root.glob("*/gate.json"))
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``edge-deploy publish``."""
+    p = subparsers.add_parser(
+        "publish",
+        help="sign and publish gated variants into a static registry (index.json, manifests, files)",
+        description="Write REGISTRY/index.json and REGISTRY/<model>/<version>/{manifest.json, "
+        "manifest.json.sig, variant files, self-tests} for every variant that passed the gate.",
+    )
+    p.add_argument("--key", type=Path, required=True, help="Ed25519 private key (edge-deploy keygen)")
+    p.add_argument("--out", type=Path, required=True, help="registry folder (created; merged into if it exists)")
+    p.add_argument("--from", dest="builds", type=Path, action="append", default=None,
+                   help="build folder to publish (repeatable; default: every build/deploy/* with gate.json)")
+    p.add_argument("--force", action="store_true", help="replace an already published version")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    builds = args.builds or find_builds()
+    if not builds:
+        raise PublishError("no build folders with a gate.json found; pass --from BUILD_DIR")
+    for build in builds:
+        manifest_path = publish_build(build, args.out, args.key, args.force)
+        m = parse_manifest(manifest_path.read_bytes())
+        print(f"published {m.name} {m.version}: {', '.join(v.id for v in m.variants)} -> {manifest_path.parent}")
+    return 0
+

@@ -1,0 +1,121 @@
+"""``edge-deploy keygen`` and the Ed25519 signing helpers ``publish`` uses.
+
+Keys are Ed25519 in PEM: ``signing.key`` (PKCS#8 private key, unencrypted, file mode 0600, keep
+it off the registry host) and ``signing.pub`` (SubjectPublicKeyInfo; goes into the agent's trusted
+keys). A signature is the 64 raw bytes of Ed25519 over the exact bytes of the signed file.
+Verification lives in :mod:`agent.manifest` (shared with the agent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from agent.errors import EdgeAgentError
+from agent.manifest import key_id
+
+PRIVATE_NAME = "signing.key"
+PUBLIC_NAME = "signing.pub"
+
+
+class SigningError(EdgeAgentError):
+    """A key could not be created, read or used."""
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``mode`` from the first byte (never world-readable, even briefly) via
+    a temp file + rename; the temp file is removed if anything (Ctrl-C included) interrupts."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask may have removed bits we want; never adds any
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def keygen(out_dir: Path, force: bool = False) -> tuple[Path, Path]:
+    """Create ``out_dir/signing.key`` (0600) and ``out_dir/signing.pub`` (0644).
+
+    Refuses to overwrite an existing key unless ``force`` (a lost key cannot be recovered and
+    every agent trusting it would need the new public key). Returns (private, public) paths.
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+        PublicFormat,
+    )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    priv_path, pub_path = out_dir / PRIVATE_NAME, out_dir / PUBLIC_NAME
+    if not force and (priv_path.exists() or pub_path.exists()):
+        raise SigningError(f"{priv_path} or {pub_path} already exists; pass --force to replace the key pair")
+    key = Ed25519PrivateKey.generate()
+    priv = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    pub = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    _write_new(priv_path, priv, 0o600)
+    _write_new(pub_path, pub, 0o644)
+    return priv_path, pub_path
+
+
+def load_private_key(path: Path) -> Any:
+    """Read an Ed25519 PEM private key; SigningError if unreadable, not Ed25519, or readable by
+    group/others (a leaked signing key lets anyone publish models to every device)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        mode = path.stat().st_mode & 0o777
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SigningError(f"cannot read signing key {path}: {exc}") from exc
+    if mode & 0o077:
+        raise SigningError(f"{path} is readable by group/others (mode {mode:o}); chmod 600 it")
+    try:
+        key = load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise SigningError(f"{path}: not an unencrypted PEM private key: {exc}") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SigningError(f"{path}: expected an Ed25519 key, got {type(key).__name__}")
+    return key
+
+
+def public_pem(private_key: Any) -> bytes:
+    """The PEM public key of an Ed25519 private key."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return private_key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+
+
+def sign(private_key: Any, data: bytes) -> bytes:
+    """Ed25519 signature (64 raw bytes) over ``data``."""
+    return private_key.sign(data)
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``edge-deploy keygen``."""
+    p = subparsers.add_parser(
+        "keygen",
+        help="create an Ed25519 signing key pair for the model registry",
+        description="Write DIR/signing.key (Ed25519 private key, PEM, mode 0600) and DIR/signing.pub "
+        "(PEM public key to install on the agents).",
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder for signing.key and signing.pub")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    priv, pub = keygen(args.out, args.force)
+    print(f"private key: {priv} (mode 600; keep it secret)\npublic key:  {pub} (key id {key_id(pub.read_bytes())})")
+    return 0
