@@ -25,7 +25,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -100,14 +100,14 @@ class Requires(_Strict):
     cpu_features: tuple[str, ...] = Field((), description="CPU flags that must all be present.")
     cpu_features_any: tuple[str, ...] = Field((), description="CPU flags of which one must be present.")
     gpu: bool = Field(False, description="Needs an NVIDIA GPU.")
-    gpu_compute_capability_min: Optional[str] = Field(None, description="Lowest GPU compute capability.")
-    gpu_compute_capability_max: Optional[str] = Field(None, description="Highest GPU compute capability.")
-    tensorrt_min: Optional[str] = Field(None, description="Oldest TensorRT version that can build it.")
-    backend_min_version: Optional[str] = Field(None, description="Oldest backend library version.")
+    gpu_compute_capability_min: str | None = Field(None, description="Lowest GPU compute capability.")
+    gpu_compute_capability_max: str | None = Field(None, description="Highest GPU compute capability.")
+    tensorrt_min: str | None = Field(None, description="Oldest TensorRT version that can build it.")
+    backend_min_version: str | None = Field(None, description="Oldest backend library version.")
 
     @field_validator("gpu_compute_capability_min", "gpu_compute_capability_max")
     @classmethod
-    def _cc(cls, value: Optional[str]) -> Optional[str]:
+    def _cc(cls, value: str | None) -> str | None:
         if value is not None and not _CC.match(value):
             raise ValueError(f"compute capability {value!r} is not of the form '8.9'")
         return value
@@ -163,7 +163,7 @@ class GateResult(_Strict):
     drops: dict[str, float] = Field(default_factory=dict)
     thresholds: dict[str, float] = Field(default_factory=dict)
     failures: tuple[str, ...] = ()
-    batch_invariant: Optional[bool] = None
+    batch_invariant: bool | None = None
 
 
 class BenchFigures(_Strict):
@@ -171,13 +171,13 @@ class BenchFigures(_Strict):
 
     device: str = Field(description="Where it was measured (CPU model, cores, threads).")
     threads: int = Field(ge=0)
-    latency_ms_median: Optional[float] = None
-    latency_ms_p95: Optional[float] = None
-    throughput_per_s: Optional[float] = None
-    throughput_batch: Optional[int] = None
-    peak_rss_mb: Optional[float] = None
-    full_volume_ms: Optional[float] = Field(None, description="3D models: one preprocessed volume, sliding window.")
-    speedup_vs_fp32: Optional[float] = None
+    latency_ms_median: float | None = None
+    latency_ms_p95: float | None = None
+    throughput_per_s: float | None = None
+    throughput_batch: int | None = None
+    peak_rss_mb: float | None = None
+    full_volume_ms: float | None = Field(None, description="3D models: one preprocessed volume, sliding window.")
+    speedup_vs_fp32: float | None = None
     note: str = ""
 
 
@@ -203,8 +203,8 @@ class Variant(_Strict):
         0, ge=0, description="Preference among variants a device can run: lower first (set from the benchmarks)."
     )
     gate: GateResult
-    bench: Optional[BenchFigures] = None
-    selftest: Optional[SelfTest] = None
+    bench: BenchFigures | None = None
+    selftest: SelfTest | None = None
 
     @field_validator("file")
     @classmethod
@@ -266,7 +266,7 @@ class Manifest(_Strict):
     variants: tuple[Variant, ...]
     calibration: dict[str, Any] = Field(default_factory=dict)
     validation: dict[str, Any] = Field(default_factory=dict)
-    drift: Optional[DriftProfile] = None
+    drift: DriftProfile | None = None
     toolchain: dict[str, str] = Field(default_factory=dict)
     signing_key_id: str = Field("", description="key_id() of the key that signed this manifest.")
 

@@ -32,7 +32,7 @@ from agent.assembly.jobs import FAILED, INFERRED
 from agent.config import Config
 from agent.errors import EdgeAgentError, ModelSpecError
 from agent.inference.runner import InferenceJob, InferenceRunner
-from agent.ingest.scp import DEFAULT_STORAGE_SOP_CLASSES, DicomListener
+from agent.ingest import DEFAULT_STORAGE_SOP_CLASSES, DicomListener
 from agent.ingest.spool import Spool
 from agent.log import log_event
 from agent.modelspec import ModelSpec, load_spec
@@ -193,7 +193,8 @@ class Service:
 
     # ---- assembly thread -------------------------------------------------------------------
     def _spool_summary(self) -> list[tuple[str, str, str, str, str, int, float]]:
-        rows = self.spool.conn.execute(
+        # read-only view of the spool's journal, on the service's own connection
+        rows = self._job_conn.execute(
             "SELECT series_uid, MIN(study_uid) AS study_uid, MIN(modality) AS modality,"
             " MIN(series_description) AS d, MIN(body_part) AS b, COUNT(*) AS n,"
             " MAX(received_at) AS last FROM instances GROUP BY series_uid"

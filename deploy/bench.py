@@ -407,7 +407,7 @@ def render_chart(doc: Mapping[str, Any], out: Path) -> None:
     lat = [r.get(lat_key, 0.0) / (1000.0 if is_3d else 1.0) for r in rows]
     axes[1].barh(y, lat, color=colors)
     axes[1].set_xlabel("full volume (s)" if is_3d else "latency batch 1 (ms)")
-    for yi, r, v in zip(y, rows, lat):
+    for yi, v in zip(y, lat, strict=True):
         if not v:
             axes[1].text(0, yi, " not run here", va="center", fontsize=8, color="gray")
     accs = [r.get("gate_metrics", {}).get(acc, np.nan) for r in rows]

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -250,7 +250,7 @@ def _padded(image: np.ndarray, patch: Sequence[int]) -> np.ndarray:
     """Pad ``image`` (C, Z, Y, X) to at least ``patch`` exactly as the agent's sliding window
     does (centred, with each channel's minimum)."""
     spatial = image.shape[1:]
-    pad = [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(spatial, patch)]
+    pad = [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(spatial, patch, strict=True)]
     if not any(b or a for b, a in pad):
         return image
     return np.stack([np.pad(image[c], pad, mode="constant", constant_values=float(image[c].min()))
@@ -389,7 +389,7 @@ def collect_ranges(
             break
         outs = session.run(None, feed)
         subs: dict[str, np.ndarray] = {}
-        for name, arr in zip(names, outs):
+        for name, arr in zip(names, outs, strict=True):
             if name not in wanted or arr.size == 0 or not np.issubdtype(arr.dtype, np.floating):
                 continue
             a_min, a_max = float(np.min(arr)), float(np.max(arr))

@@ -34,7 +34,8 @@ def _say(msg: str) -> None:
     print(f"demo: {msg}", flush=True)
 
 
-def run_demo(state_dir: Path, timeout_s: float = 600.0, seed: int = 2026) -> int:
+def run_demo(state_dir: Path, timeout_s: float = 600.0, seed: int = 2026,
+             models_dir: Path = REPO / "models") -> int:
     import paho.mqtt.client as mqtt
 
     from agent.config import Config
@@ -67,7 +68,7 @@ def run_demo(state_dir: Path, timeout_s: float = 600.0, seed: int = 2026) -> int
         "mqtt": {"port": port, "protocol": protocol},
         "storage": {"dir": str(state_dir / "state"), "min_free_mb": 100},
         "pipeline": {"stable_age_s": 1.0},
-        "models": {"dir": str(REPO / "models")},
+        "models": {"dir": str(models_dir)},
     })
 
     _say("generating a synthetic abdominal CT series and a brain MR slice")
@@ -142,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", type=Path, default=REPO / "var" / "demo")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--models-dir", type=Path, default=REPO / "models")
     args = ap.parse_args(argv)
-    return run_demo(args.state_dir, args.timeout, args.seed)
+    return run_demo(args.state_dir, args.timeout, args.seed, args.models_dir)
 
 
 if __name__ == "__main__":

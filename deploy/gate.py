@@ -68,6 +68,77 @@ class GateError(EdgeAgentError):
 
 
 # --------------------------------------------------------------------------------------------
+# Q/DQ simulation backend (TensorRT graphs on the CPU)
+# --------------------------------------------------------------------------------------------
+
+#: registry name of the simulation backend the gate runs TensorRT graphs on
+SIM_BACKEND = "onnxruntime-qdq-sim"
+#: ONNX Runtime graph rewrites that are wrong or unfaithful for explicit-quantization graphs:
+#: ``ReluQuantRewrite`` deletes a Relu feeding a QuantizeLinear, which is only right for integer
+#: types whose zero point is the bottom of the range; for FLOAT8E4M3FN (zero point 0, signed
+#: range) it lets negative values through and FP8 outputs become unrelated to FP32 (measured here:
+#: 96 % relative error, 9 % with the rule off). ``WeightBiasQuantization`` turns float biases into
+#: int32 ones, which TensorRT does not do.
+SIM_DISABLED_OPTIMIZERS = ("ReluQuantRewrite", "WeightBiasQuantization")
+
+from agent.inference import registry as _registry  # noqa: E402  (registration needs the registry)
+from agent.inference.base import BackendInfo as _BackendInfo  # noqa: E402
+
+_registry.register_module(SIM_BACKEND, __name__)
+
+
+@_registry.register(SIM_BACKEND)
+class QdqSimulationBackend:
+    """ONNX Runtime CPU running a TensorRT Q/DQ graph as a numerical simulation.
+
+    Same contract as the agent's backends (load / run / describe). Q/DQ nodes compute exactly the
+    quantize-dequantize arithmetic of the engine (int8 rounding and saturation, FP8 E4M3 rounding);
+    the convolutions run in FP32, so this checks accuracy, not the engine's kernels or speed.
+    """
+
+    name = SIM_BACKEND
+
+    def __init__(self) -> None:
+        self._session: Any = None
+        self._input = ""
+        self._info: _BackendInfo | None = None
+
+    def load(self, model_path: Path, *, precision: str, threads: int, options: Mapping[str, Any]) -> None:
+        """Open ``model_path`` with the unfaithful rewrites disabled and warm up once."""
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = max(0, int(threads))
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self._session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"],
+                                                 disabled_optimizers=list(SIM_DISABLED_OPTIMIZERS))
+        except Exception as exc:  # ORT's pybind11 exception types
+            raise GateError(f"{SIM_BACKEND}: cannot load {model_path.name}: {exc}") from exc
+        inp = self._session.get_inputs()[0]
+        self._input = inp.name
+        self._info = _BackendInfo(name=SIM_BACKEND, version=ort.__version__, device="cpu",
+                                  precision=precision, providers=("CPUExecutionProvider",))
+        shape = options.get("warmup_shape") or [1 if not isinstance(d, int) else d for d in inp.shape]
+        self.run(np.zeros(tuple(shape), dtype=np.float32))
+
+    def run(self, inputs: np.ndarray) -> np.ndarray:
+        """One batch -> the first output as float32."""
+        if self._session is None:
+            raise GateError(f"{SIM_BACKEND}: run() before load()")
+        out = self._session.run(None, {self._input: np.ascontiguousarray(inputs, dtype=np.float32)})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def describe(self) -> _BackendInfo:
+        """What is loaded (precision as requested: the graph decides the arithmetic)."""
+        if self._info is None:
+            raise GateError(f"{SIM_BACKEND}: describe() before load()")
+        return self._info
+
+
+# --------------------------------------------------------------------------------------------
 # Verdicts
 # --------------------------------------------------------------------------------------------
 
@@ -215,7 +286,7 @@ _ORT_FLOAT_KERNELS = {"Conv", "FusedConv", "ConvTranspose", "Gemm", "MatMul", "F
                       "NhwcFusedConv"}
 
 
-def ort_execution_precision(path: Path, threads: int = 1) -> dict[str, Any]:
+def ort_execution_precision(path: Path, threads: int = 1, disabled_optimizers: Sequence[str] = ()) -> dict[str, Any]:
     """What ONNX Runtime (CPU EP) really runs: count conv/gemm kernels in its optimized graph.
 
     Integer kernels (QLinearConv, QGemm, ...) count as int8; float ones by the element type of
@@ -232,7 +303,8 @@ def ort_execution_precision(path: Path, threads: int = 1) -> dict[str, Any]:
         so.optimized_model_filepath = str(opt)
         so.intra_op_num_threads = threads
         so.log_severity_level = 3  # the "hardware specific optimizations" notice is expected here
-        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=list(disabled_optimizers))
         model = onnx.load(str(opt))
     inits = {t.name: t.data_type for t in model.graph.initializer}
     counts: collections.Counter[str] = collections.Counter()
@@ -244,6 +316,13 @@ def ort_execution_precision(path: Path, threads: int = 1) -> dict[str, Any]:
             dtype = inits.get(node.input[1]) if len(node.input) > 1 else None
             counts["fp16" if dtype == onnx.TensorProto.FLOAT16 else "fp32"] += 1
     total = sum(counts.values())
+    source_fp16 = any(t.data_type == onnx.TensorProto.FLOAT16
+                      for t in onnx.load(str(path), load_external_data=False).graph.initializer)
+    if source_fp16 and not counts["fp16"] and not counts["int8"]:
+        # an FP16 graph on a CPU without fp16 kernels (x86): ORT inserts casts and computes in fp32
+        return {"runtime": f"onnxruntime {ort.__version__} CPU",
+                "summary": "fp32 (fp16 graph upcast: no fp16 kernels on this CPU)",
+                "kernels": dict(counts), "qdq_nodes_left": qdq_sim}
     if counts["int8"] and counts["int8"] == total:
         summary = "int8"
     elif counts["int8"]:
@@ -290,6 +369,8 @@ def execution_precision(v: VariantSpec, path: Path, threads: int) -> dict[str, A
     if v.validated_with == "openvino":
         hint = str(v.options.get("inference_precision", "f32"))
         return openvino_execution_precision(path, hint, threads)
+    if v.validated_with == SIM_BACKEND:
+        return ort_execution_precision(path, threads, SIM_DISABLED_OPTIMIZERS)
     return ort_execution_precision(path, threads)
 
 
@@ -375,6 +456,10 @@ def gate(model_dir: Path, build: Path, cfg: QuantConfig, variant_ids: Sequence[s
     fp32_rec = next((r for r in records if r["id"] == "fp32" and r["built"]), None)
     if fp32_rec is None:
         raise GateError("the fp32 variant is missing from variants.json; it is the gate's reference")
+    # fail fast: every file must still be the one `quantize` recorded (no stale or edited variant)
+    for rec in records:
+        if rec["built"] and sha256_file(build / rec["file"]) != rec["sha256"]:
+            raise GateError(f"{rec['file']} changed since `quantize` (sha256 mismatch); re-run quantize")
     is_3d = spec.input.dims == 3
     n = n or (cfg.validation_volumes if is_3d else cfg.validation_samples)
     t_start = time.perf_counter()
@@ -455,7 +540,7 @@ def gate(model_dir: Path, build: Path, cfg: QuantConfig, variant_ids: Sequence[s
                 "passed": passed,
                 "file": rec["file"],
                 "sha256": digest,
-                "validated_with": v.validated_with + (" (CPU simulation of the Q/DQ arithmetic)"
+                "validated_with": v.validated_with + (" (ONNX Runtime CPU simulating the Q/DQ arithmetic)"
                                                       if not v.native_here else ""),
                 "backend_reported_precision": described.precision,
                 "execution_precision": exec_prec,

@@ -70,14 +70,29 @@ def _now() -> str:
 
 
 def _priorities(passed: Sequence[str], bench_rows: Mapping[str, Mapping[str, Any]], is_3d: bool) -> dict[str, int]:
-    """Rank passing variants: TensorRT ones first, then CPU variants by the measured latency here
-    (full volume for 3D), unmeasured ones after, ``fp32`` always last."""
+    """Rank passing variants (0 = try first among those a device can run).
+
+    TensorRT first (FP8, INT8, FP16). Then the CPU variants this build host can represent (it
+    meets their ``requires``), FP32 included, by the latency measured here (full volume for 3D):
+    a variant slower than FP32 here (ONNX Runtime's 3D INT8 path) ranks after it. Variants for
+    other CPUs (ARM s8s8 / FP16, only measured as an x86 stand-in) have no representative figure:
+    2D models put them before FP32 (int8 SDOT / fp16 kernels are the point of those devices),
+    3D models after it (ONNX Runtime's 3D integer path builds whole-output im2col buffers and
+    was no faster than FP32 where measured).
+    """
     key = "full_volume_ms" if is_3d else "latency_ms_median"
     gpu = [v for v in _GPU_ORDER if v in passed]
-    cpu = [v for v in passed if v not in gpu and v != "fp32"]
-    measured = sorted((v for v in cpu if key in bench_rows.get(v, {})), key=lambda v: bench_rows[v][key])
-    rest = [v for v in cpu if v not in measured]
-    order = gpu + measured + rest + (["fp32"] if "fp32" in passed else [])
+    cpu = [v for v in passed if v not in gpu]
+    representative = [v for v in cpu if key in bench_rows.get(v, {}) and not bench_rows[v].get("note")]
+    measured = sorted(representative, key=lambda v: bench_rows[v][key])
+    if "fp32" not in measured and "fp32" in cpu:
+        measured.append("fp32")
+    foreign = [v for v in cpu if v not in measured]
+    if is_3d:
+        order = gpu + measured + foreign
+    else:
+        cut = measured.index("fp32") if "fp32" in measured else len(measured)
+        order = gpu + measured[:cut] + foreign + measured[cut:]
     return {v: i for i, v in enumerate(order)}
 
 

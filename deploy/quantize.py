@@ -10,8 +10,8 @@ ranges ``ranges.<method>.json`` and ``amax.json``) and writes one file per varia
   the agent's preprocessing produced instead of recalibrating. s8s8 uses dedicated Q/DQ pairs per
   consumer: ORT fuses an s8 Q/DQ Conv into an integer kernel only when the quantized tensor has a
   single consumer.
-* **OpenVINO INT8**: the same u8s8 Q/DQ recipe (OpenVINO's low-precision transformations turn the
-  Q/DQ pairs into int8 convolutions); see :func:`build_ov_int8` for the layout difference.
+* **OpenVINO INT8**: the same u8s8 Q/DQ file (OpenVINO's low-precision transformations turn the
+  Q/DQ pairs into int8 convolutions, Concat and MaxPool included); a Conv-only layout was slower.
 * **FP16**: onnxconverter-common's converter with ``keep_io_types`` (Cast nodes at the edges, so
   the agent feeds and reads float32 as for every other variant).
 * **TensorRT INT8 / FP8**: explicit-quantization graphs written here (:func:`build_explicit_qdq`)
@@ -85,7 +85,7 @@ def preprocess_model(fp32_path: Path, out_path: Path) -> dict[str, Any]:
     with atomic_path(out_path) as tmp:
         try:
             quant_pre_process(str(fp32_path), str(tmp))
-        except Exception as exc:  # SymbolicShapeInference raises bare Exception
+        except Exception as exc:  # noqa: BLE001 - SymbolicShapeInference raises a bare Exception
             logger.info("symbolic shape inference failed (%s); using ONNX shape inference only", exc)
             notes = {"symbolic_shape_inference": False, "reason": str(exc)}
             quant_pre_process(str(fp32_path), str(tmp), skip_symbolic_shape=True)
@@ -181,8 +181,56 @@ def build_ort_qdq(
             calibrate_method=_ort_method(method),
             extra_options=extra,
         )
+        stripped = strip_output_qdq(tmp)
     return {"tool": "onnxruntime.quantization.quantize_static", "activations": activations,
-            "weights": "s8 per-channel symmetric", "method": method, "extra_options": extra}
+            "weights": "s8 per-channel symmetric", "method": method, "extra_options": extra,
+            "float_outputs": stripped}
+
+
+def strip_output_qdq(path: Path) -> list[str]:
+    """Remove QuantizeLinear -> DequantizeLinear pairs that feed graph outputs (the logits).
+
+    quantize_static quantizes every conv's output, the last one's too; quantized logits gain
+    nothing (nothing integer consumes them) and cost accuracy: 256 levels create argmax ties
+    between close classes, and OpenVINO spends a float Subtract/Multiply pass over the whole
+    output volume to dequantize them. The last conv then writes float logits directly. Rewrites
+    ``path`` atomically; returns the outputs made float.
+    """
+    model = _load(path)
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    drop: set[int] = set()
+    changed = []
+    for out in graph.output:
+        dq = producer.get(out.name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or consumers.get(q.output[0], 0) != 1:
+            continue
+        src = producer.get(q.input[0])
+        if src is None or consumers.get(q.input[0], 0) != 1:
+            continue  # the float tensor is also used elsewhere (or is a graph input): keep the pair
+        # the node that produced the float value now produces the graph output under its name
+        for k, name in enumerate(src.output):
+            if name == q.input[0]:
+                src.output[k] = out.name
+        drop.update({id(q), id(dq)})
+        changed.append(out.name)
+    if changed:
+        kept = [n for n in graph.node if id(n) not in drop]
+        del graph.node[:]
+        graph.node.extend(kept)
+        used = {i for n in graph.node for i in n.input}
+        live = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(live)
+        _save_checked(model, path)
+    return changed
 
 
 class _quiet_ort_quantizer:
@@ -270,6 +318,7 @@ def build_explicit_qdq(
     *,
     op_types: Sequence[str] = TRT_QUANT_OPS,
     nodes_to_exclude: Sequence[str] = (),
+    keep_output_layers: bool = True,
 ) -> dict[str, Any]:
     """Write a TensorRT-style explicit-quantization Q/DQ graph.
 
@@ -279,10 +328,12 @@ def build_explicit_qdq(
     quantized type; its constant weight is stored quantized (int8 or FLOAT8E4M3FN initializer)
     with a per-output-channel DequantizeLinear (scale ``channel_amax / qmax``); the bias stays
     float. Nothing else is touched: ConvTranspose, Resize, Concat, pooling and activations run in
-    the engine's float precision. FP8 needs opset >= 19 (the graph is converted if older).
-    Returns notes (counts of quantized/skipped nodes).
+    the engine's float precision. With ``keep_output_layers`` the conv/gemm that writes a graph
+    output (the logits) stays float too: its output is a small difference of large sums (a head
+    over post-ReLU features), where E4M3's 3 mantissa bits alone cost ~30 % of the logit spread on
+    the test model, and it is one small layer. FP8 needs opset >= 19 (the graph is converted if
+    older). Returns notes (counts of quantized/skipped nodes).
     """
-    import onnx
     from onnx import helper, numpy_helper, version_converter
 
     if kind not in ("int8", "fp8"):
@@ -300,6 +351,9 @@ def build_explicit_qdq(
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     excluded = set(nodes_to_exclude)
+    if keep_output_layers:
+        outputs = {o.name for o in graph.output}
+        excluded |= {n.name for n in graph.node if n.op_type in op_types and set(n.output) & outputs}
     act_qdq: dict[str, str] = {}  # activation tensor -> its DequantizeLinear output
     new_nodes: list[Any] = []
     new_inits: list[Any] = []
@@ -374,7 +428,8 @@ def build_explicit_qdq(
     _save_checked(model, out_path)
     return {"tool": "deploy.quantize.build_explicit_qdq", "kind": kind, "layout": "tensorrt",
             "quantized_nodes": quantized, "skipped_nodes": skipped, "activation_scale": f"amax/{qmax:g}",
-            "weight_scale": f"per-channel amax/{qmax:g}", "opset": _default_opset(model)}
+            "weight_scale": f"per-channel amax/{qmax:g}", "opset": _default_opset(model),
+            "float_output_layers": sorted(excluded - set(nodes_to_exclude))}
 
 
 def _unique(base: str, taken: Mapping[str, Any]) -> str:
@@ -409,7 +464,7 @@ def build_file(spec: VariantSpec, build: Path, calib: Mapping[str, Any], qcfg: M
         with atomic_path(out) as tmp:
             shutil.copyfile(src, tmp)
         return {"tool": "copy", "source": "model.onnx (verbatim)"}
-    if spec.builder in ("build_ort_u8s8", "build_ov_int8"):
+    if spec.builder == "build_ort_u8s8":
         # ConvTranspose: ORT has no integer kernel for it (3D) and OpenVINO keeps it float too;
         # quantizing it would only add Q/DQ round trips
         return build_ort_qdq(pre, out, ranges, method, activations="u8",

@@ -103,6 +103,35 @@ class Budget:
         return self.seconds > 0 and self.elapsed >= self.seconds
 
 
+def add_precision_arg(parser: argparse.ArgumentParser) -> None:
+    """``--precision``: compute precision of the training loop (weights stay FP32)."""
+    parser.add_argument(
+        "--precision", choices=("auto", "bf16", "fp32"), default="auto",
+        help="training compute precision: bf16 autocast (about 2x faster on CPUs with native bf16, "
+        "e.g. AVX512_BF16/AMX) or fp32; auto picks bf16 where the CPU has it (default auto). "
+        "Weights, optimizer state and the exported ONNX are FP32 either way.",
+    )
+
+
+def autocast_dtype(choice: str) -> torch.dtype | None:
+    """The autocast dtype for ``--precision`` (None: plain FP32).
+
+    bf16 autocast runs convolutions in bfloat16 through oneDNN; on a CPU without native bf16 it
+    is emulated and slower, so ``auto`` only uses it where oneDNN reports native support.
+    """
+    import torch
+
+    if choice == "fp32":
+        return None
+    if choice == "bf16":
+        return torch.bfloat16
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        native = False
+    return torch.bfloat16 if native else None
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -212,10 +212,15 @@ class AgentProcess:
 
 
 def storescu(port: int, files: list[Path], *, aet: str = "STORESCU", aec: str = "EDGE_AGENT",
-             timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    """Push files with DCMTK's storescu, each proposed in its own transfer syntax."""
+             syntax: str = "", timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Push files with DCMTK's storescu (verbose, so refusals are printed).
+
+    ``syntax``: storescu's proposal option for compressed files (``-xv`` JPEG 2000 lossless,
+    ``-xr`` RLE, ...); storescu only sends a compressed file on a matching context.
+    """
     binary = require_binary("storescu")
     return subprocess.run(
-        [binary, "-aet", aet, "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
+        [binary, "-v", *([syntax] if syntax else []), "-aet", aet, "-aec", aec, "127.0.0.1", str(port),
+         *map(str, files)],
         capture_output=True, text=True, timeout=timeout,
     )

@@ -166,13 +166,16 @@ def handle_requested(event: PynetdicomEvent, state: ListenerState) -> None:
         return
     else:
         reason = "calling AE title not allowed from this address"
-    assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SERVICE_USER, _RJ_CALLING_AE_NOT_RECOGNISED)
-    # pynetdicom skips negotiation after a reject sent here but does not stop the DUL thread itself
-    # (its own rejection path calls kill()); without this each refused peer leaks a thread.
-    assoc.kill()
+    # report first: once the peer has its A-ASSOCIATE-RJ it may already be trying again
     _association_rejected(state, calling_ae=calling, peer=peer, reason=reason,
                           result=_RJ_PERMANENT, source=_RJ_SERVICE_USER,
                           diagnostic=_RJ_CALLING_AE_NOT_RECOGNISED)
+    assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SERVICE_USER, _RJ_CALLING_AE_NOT_RECOGNISED)
+    # send_reject() only queues the PDU for the DUL thread. After a reject sent from EVT_REQUESTED,
+    # pynetdicom skips negotiation and closes the socket at once, usually before the A-ASSOCIATE-RJ
+    # is out: the peer sees a dropped connection, not a rejection. kill() waits until the DUL is
+    # back in Sta1 (RJ sent, transport closed), as pynetdicom's own rejection path does.
+    assoc.kill()
 
 
 def handle_rejected(event: PynetdicomEvent, state: ListenerState) -> None:

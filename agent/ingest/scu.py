@@ -128,6 +128,8 @@ def _send_batch(
     for sop_class, syntax in batch:
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(host, port, ae_title=called_aet)
+    if not assoc.is_established:
+        _close_socket(assoc)
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
         raise DicomError(
@@ -162,6 +164,18 @@ def _send_batch(
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def _close_socket(assoc: object) -> None:
+    """Close the socket of an association that did not come up.
+
+    pynetdicom (3.0) calls ``shutdown()`` and ``close()`` in one try block; when the peer has already
+    dropped the connection ``shutdown()`` raises ENOTCONN and the descriptor is left open.
+    """
+    dul_socket = getattr(getattr(assoc, "dul", None), "socket", None)
+    sock = getattr(dul_socket, "socket", None)
+    if sock is not None:
+        sock.close()
 
 
 def _expand(paths: Sequence[Path]) -> Iterator[Path]:

@@ -134,8 +134,9 @@ class Spool:
     """The spool directory, its quarantine and the ``instances`` / ``quarantine`` tables.
 
     ``root`` and ``quarantine`` are created if missing. ``conn`` comes from ``agent.db.connect``;
-    the spool serialises its own use of it with a lock, so one connection may be shared by the
-    listener's association threads and the assembler. ``min_free_mb`` is the floor below which
+    the spool serialises its own use of it with a lock, so the listener's association threads and
+    the assembler may call the spool concurrently. Give the spool a connection of its own: other
+    code using the same connection outside this lock could interleave with its statements. ``min_free_mb`` is the floor below which
     instances are refused; ``disk_usage`` is injectable so tests can fake a full disk.
     """
 
@@ -617,6 +618,7 @@ def _file_meta_summary(path: Path) -> dict[str, str]:
         with open(path, "rb") as f:
             if f.read(132)[128:] != b"DICM":
                 return out
+            f.seek(0)  # read_partial reads the preamble itself
             ds = read_partial(f, stop_when=lambda tag, vr, length: int(tag) >> 16 != 0x0002)
             meta = ds.file_meta
             out["media_storage_sop_class_uid"] = _raw_str(meta, 0x00020002)

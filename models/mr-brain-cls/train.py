@@ -126,7 +126,8 @@ def predict(model: Any, images: np.ndarray, batch_size: int = 128) -> np.ndarray
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    T.add_common_args(parser, epochs=10, budget_s=1500)
+    T.add_common_args(parser, epochs=10, budget_s=900)
+    T.add_precision_arg(parser)
     parser.add_argument("--slices", type=int, default=6000, help="training slices (default 6000)")
     parser.add_argument("--val-slices", type=int, default=360, help="validation slices (default 360)")
     parser.add_argument("--batch-size", type=int, default=32, help="slices per step (default 32)")
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     # --- model and optimisation ---
     model = build_model(len(spec.labels))
     n_params = T.count_parameters(model)
+    # channels-last (NHWC) is oneDNN's native layout, and bf16 autocast uses the CPU's bf16 units
+    model = model.to(memory_format=torch.channels_last)
+    amp_dtype = T.autocast_dtype(args.precision)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.05)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     rng = np.random.default_rng([args.seed, 1])
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = min(100, total // 10)
     budget = T.Budget(args.budget_s)
     T.log(f"ResNet(basic, [1, 1, 1, 1], {list(WIDTHS)}): {n_params:,} parameters; {total} steps of "
-          f"{args.batch_size} x {(spec.input.channels, *size)}")
+          f"{args.batch_size} x {(spec.input.channels, *size)} ({'bf16 autocast' if amp_dtype is not None else 'fp32'})")
 
     model.train()
     step = 0
@@ -187,12 +191,14 @@ def main(argv: list[str] | None = None) -> int:
             if budget.exhausted():
                 stopped_early = True
                 break
-            x = torch.from_numpy(augment(x_train[idx], rng))
+            x = torch.from_numpy(augment(x_train[idx], rng)).contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(y_train[idx])
             for group in opt.param_groups:
                 group["lr"] = T.cosine_lr(step, total, args.lr, warmup)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            with torch.autocast("cpu", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
             loss.backward()
             opt.step()
             step += 1
@@ -214,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         if step >= total:
             break
     train_s = time.monotonic() - started
+    model = model.to(memory_format=torch.contiguous_format)
 
     summary = {
         "model": spec.name,
@@ -224,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "planned_steps": total,
         "stopped_early": stopped_early,
         "final_loss": round(running, 4),
+        "training_precision": "bf16-autocast" if amp_dtype is not None else "fp32",
         "validation_accuracy": round(val_acc, 4),
         "training_slices": len(train_seeds),
         "training_seeds": f"{train_seeds[0]}..{train_seeds[-1]}",
