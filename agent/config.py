@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -31,9 +32,9 @@ class _Section(BaseModel):
 
 class TlsConfig(_Section):
     enabled: bool = Field(False, description="Use TLS.")
-    certfile: Optional[Path] = Field(None, description="Our certificate (PEM).")
-    keyfile: Optional[Path] = Field(None, description="Our private key (PEM).")
-    cafile: Optional[Path] = Field(None, description="CA bundle to verify the peer (PEM).")
+    certfile: Path | None = Field(None, description="Our certificate (PEM).")
+    keyfile: Path | None = Field(None, description="Our private key (PEM).")
+    cafile: Path | None = Field(None, description="CA bundle to verify the peer (PEM).")
     require_client_cert: bool = Field(
         False, description="DICOM server side: demand and verify a client certificate from cafile."
     )
@@ -77,8 +78,8 @@ class MqttConfig(_Section):
     topic_prefix: str = Field("edge", description="Topics are {topic_prefix}/{device_id}/...")
     protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version.")
     client_id: str = Field("", description="Client id; empty: edge-agent-{device_id}.")
-    username: Optional[str] = Field(None, description="Broker user name.")
-    password: Optional[str] = Field(None, description="Broker password.")
+    username: str | None = Field(None, description="Broker user name.")
+    password: str | None = Field(None, description="Broker password.")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="Optional MQTT TLS.")
     keepalive_s: int = Field(30, ge=5, description="MQTT keep-alive.")
     max_inflight: int = Field(20, ge=1, description="Unacknowledged QoS 1 messages in flight.")
@@ -135,7 +136,7 @@ class RegistryConfig(_Section):
     timeout_s: float = Field(30, gt=0, description="Network timeout per request.")
     retries: int = Field(3, ge=1, description="Attempts per file download; each resumes the last.")
     min_free_mb: int = Field(200, ge=0, description="Disk space that must remain free after an install.")
-    cafile: Optional[Path] = Field(None, description="CA bundle for an https registry with a private CA.")
+    cafile: Path | None = Field(None, description="CA bundle for an https registry with a private CA.")
 
     @field_validator("url")
     @classmethod

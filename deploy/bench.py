@@ -263,6 +263,16 @@ def bench(model_dir: Path, build: Path, *, threads: int = 2, iterations: int = 3
 
     doc = _summarise(spec, list(rows.values()), me.describe(), threads, iterations, batch)
     doc["rounds"] = rounds
+    # where the time goes: per-layer profile of FP32 and of the fastest passing variant, so the
+    # report can say why the speed-up is what it is
+    doc["profiles"] = {}
+    for vid in dict.fromkeys(["fp32", doc["target"].get("fastest")]):
+        rec = next((r for r in records if r["id"] == vid), None)
+        if vid and rec is not None and vid in runs:
+            try:
+                doc["profiles"][vid] = profile_layers(known[vid], build / rec["file"], sample, threads)
+            except (RuntimeError, ValueError, OSError) as exc:  # profiling is informative only
+                logger.warning("profiling %s failed: %s", vid, exc)
     write_json(build / "bench" / "report.json", doc)
     with atomic_path(build / "bench" / "report.md") as tmp:
         tmp.write_text(render_markdown(doc))
@@ -301,6 +311,59 @@ def _best(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     best["peak_rss_mb"] = max(r.get("peak_rss_mb", 0.0) for r in ok)
     best["round_medians_ms"] = [round(r["latency_ms_median"], 2) for r in ok]
     return best
+
+
+def profile_layers(v: Any, path: Path, sample: Path, threads: int, runs: int = 5, top: int = 8) -> dict[str, Any]:
+    """Per-layer time of ``v`` on the first calibration tensor: OpenVINO's PERF_COUNT, or ONNX
+    Runtime's profiler. Returns total ms and the ``top`` layers (name, type, kernel, ms), and
+    per op type sums."""
+    import collections
+    import tempfile
+
+    x = np.ascontiguousarray(np.load(sample, mmap_mode="r")[:1], dtype=np.float32)
+    per_layer: collections.Counter[tuple[str, str, str]] = collections.Counter()
+    if v.backend == "openvino":
+        import openvino as ov
+
+        core = ov.Core()
+        hint = str(v.options.get("inference_precision", "f32"))
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+            "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+            "PERF_COUNT": True})
+        req = compiled.create_infer_request()
+        req.infer({0: x})
+        for _ in range(runs):
+            req.infer({0: x})
+            for p in req.profiling_info:
+                per_layer[(p.node_name, p.node_type, p.exec_type)] += p.real_time.total_seconds() * 1000.0 / runs
+    else:
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory(prefix="edge-deploy-prof-") as tmp:
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.enable_profiling = True
+            so.profile_file_prefix = str(Path(tmp) / "ort")
+            so.log_severity_level = 3
+            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            name = sess.get_inputs()[0].name
+            sess.run(None, {name: x})
+            for _ in range(runs):
+                sess.run(None, {name: x})
+            events = json.loads(Path(sess.end_profiling()).read_text())
+        for e in events:
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                args = e.get("args", {})
+                per_layer[(e["name"][: -len("_kernel_time")], args.get("op_name", ""),
+                           args.get("provider", ""))] += e.get("dur", 0) / 1000.0 / (runs + 1)
+    by_type: collections.Counter[str] = collections.Counter()
+    for (_, op, _k), ms in per_layer.items():
+        by_type[op] += ms
+    return {
+        "total_ms": round(sum(per_layer.values()), 1),
+        "top_layers": [{"name": n, "type": t, "kernel": k, "ms": round(ms, 2)} for (n, t, k), ms in per_layer.most_common(top)],
+        "by_type_ms": {k: round(ms, 1) for k, ms in by_type.most_common()},
+    }
 
 
 def _summarise(spec: ModelSpec, rows: list[dict[str, Any]], device: str, threads: int, iterations: int,
@@ -378,6 +441,11 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
                      f"{t.get('speedup')}x; target {t['goal_speedup']}x: **{verdict}**.")
     else:
         lines.append(f"Fastest passing variant: `{t.get('fastest')}` ({t.get('speedup')}x FP32).")
+    for vid, prof in doc.get("profiles", {}).items():
+        lines += ["", f"### Where the time goes: `{vid}` (one input, batch 1, {prof['total_ms']} ms in layers)", "",
+                  "By op type: " + ", ".join(f"{k} {v} ms" for k, v in list(prof["by_type_ms"].items())[:6]) + ".", "",
+                  "| layer | type | kernel | ms |", "|---|---|---|---|"]
+        lines += [f"| {r['name'][:60]} | {r['type']} | {r['kernel']} | {r['ms']} |" for r in prof["top_layers"]]
     loads = [r["loadavg_before"][0] for r in doc["variants"] if r.get("loadavg_before")]
     if loads:
         lines += ["", f"Load average (1 min) at the start of each measurement: {min(loads):.2f}-{max(loads):.2f} "
@@ -393,6 +461,7 @@ def render_chart(doc: Mapping[str, Any], out: Path) -> None:
 
     matplotlib.use("Agg")  # headless: build machines have no display
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = doc["variants"]
     ids = [r["id"] for r in rows]
@@ -416,6 +485,11 @@ def render_chart(doc: Mapping[str, Any], out: Path) -> None:
     if finite:
         lo = min(finite)
         axes[2].set_xlim(max(0.0, lo - 0.05), min(1.0, max(finite) + 0.02))
+    fp32_acc = next((a for r, a in zip(rows, accs, strict=True) if r["id"] == "fp32"), None)
+    if fp32_acc is not None and fp32_acc == fp32_acc:
+        axes[2].axvline(fp32_acc, color="black", linestyle="--", linewidth=1, label="FP32")
+        axes[2].legend(loc="lower right", fontsize=8)
+    axes[2].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
     axes[2].set_xlabel(f"{acc} (gate, green = passed)")
     axes[0].set_yticks(y, ids)
     axes[0].invert_yaxis()

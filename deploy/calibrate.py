@@ -220,7 +220,9 @@ def dicom_cases(spec: ModelSpec, folder: Path, drift: DriftAccumulator | None = 
     """Series from a folder tree: every directory holding ``*.dcm`` files is one series.
 
     Ground truth is read when present, as ``deploy.synth`` writes it: ``labels.npy`` (uint8 label
-    map, source grid) for segmentation, ``truth.json`` with ``class`` for classification.
+    map, source grid) for segmentation, ``truth.json`` with ``class`` for classification. With a
+    ``limit``, series are taken round-robin over the (class, difficulty) strata the truth files
+    name, so a folder sorted by class still gives a balanced subset.
     """
     import json
 
@@ -229,7 +231,16 @@ def dicom_cases(spec: ModelSpec, folder: Path, drift: DriftAccumulator | None = 
     dirs = sorted({p.parent for p in Path(folder).rglob("*.dcm")})
     if not dirs:
         raise CalibrationError(f"{folder}: no *.dcm files found")
-    for k, d in enumerate(dirs[:limit] if limit else dirs):
+    strata: dict[str, list[Path]] = {}
+    for d in dirs:
+        key = "?"
+        if (d / "truth.json").exists():
+            t = json.loads((d / "truth.json").read_text())
+            key = f"{t.get('class', '?')}/{t.get('difficulty', '?')}"
+        strata.setdefault(key, []).append(d)
+    queues = list(strata.values())
+    ordered = [q[i] for i in range(max(len(q) for q in queues)) for q in queues if i < len(q)]
+    for k, d in enumerate(ordered[:limit] if limit else ordered):
         datasets = read_datasets(sorted(d.glob("*.dcm")))
         volume, prepared = _prepare(datasets, spec, drift)
         truth_class = None

@@ -12,7 +12,6 @@ This lives in ``deploy`` (which may import ``agent``) because it needs the phant
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import socket
 import sys

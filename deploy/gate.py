@@ -500,6 +500,7 @@ def gate(model_dir: Path, build: Path, cfg: QuantConfig, variant_ids: Sequence[s
                                         for i, name in enumerate(spec.labels) if i > 0})
         drift_outputs = drift.outputs()
 
+        runs: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         bar = tqdm(records, desc="gate", unit="variant", file=sys.stderr)
         for rec in bar:
             bar.set_postfix_str(rec["id"])
@@ -512,17 +513,23 @@ def gate(model_dir: Path, build: Path, cfg: QuantConfig, variant_ids: Sequence[s
             if digest != rec["sha256"]:
                 raise GateError(f"{path.name} changed since `quantize` (sha256 mismatch); re-run quantize")
             t0 = time.perf_counter()
+            # variants that run the same file the same way here (ort-fp16 / trt-fp16) share one run
+            key = (digest, v.validated_with, v.precision, tuple(sorted((v.gate_options or v.options).items())))
             try:
-                res = ref if v.id == "fp32" else evaluate_model(
-                    model_dir, n, cfg.validation_seed, variant_path=path, backend=v.validated_with,
-                    precision=v.precision, **common)
-                outputs = ref_outputs if v.id == "fp32" else res.pop("outputs")
-                backend = load_variant(spec, v, path, cfg.threads, warm)
-                inv = batch_invariance(backend, probe_inputs, spec.task)
-                probe_out = backend.run(probe_inputs)
-                described = backend.describe()
-                del backend
-                exec_prec = execution_precision(v, path, cfg.threads)
+                if key in runs:
+                    res, outputs, inv, probe_out, described, exec_prec = runs[key]
+                else:
+                    res = ref if v.id == "fp32" else evaluate_model(
+                        model_dir, n, cfg.validation_seed, variant_path=path, backend=v.validated_with,
+                        precision=v.precision, **common)
+                    outputs = ref_outputs if v.id == "fp32" else res.pop("outputs")
+                    backend = load_variant(spec, v, path, cfg.threads, warm)
+                    inv = batch_invariance(backend, probe_inputs, spec.task)
+                    probe_out = backend.run(probe_inputs)
+                    described = backend.describe()
+                    del backend
+                    exec_prec = execution_precision(v, path, cfg.threads)
+                    runs[key] = (res, outputs, inv, probe_out, described, exec_prec)
             except EdgeAgentError as exc:
                 results[v.id] = {"passed": False, "file": rec["file"], "sha256": digest,
                                  "failures": [f"could not run on {v.validated_with}: {exc}"]}
@@ -540,8 +547,7 @@ def gate(model_dir: Path, build: Path, cfg: QuantConfig, variant_ids: Sequence[s
                 "passed": passed,
                 "file": rec["file"],
                 "sha256": digest,
-                "validated_with": v.validated_with + (" (ONNX Runtime CPU simulating the Q/DQ arithmetic)"
-                                                      if not v.native_here else ""),
+                "validated_with": _validated_note(v),
                 "backend_reported_precision": described.precision,
                 "execution_precision": exec_prec,
                 "n_samples": int(res["n"]),
@@ -575,6 +581,15 @@ def gate(model_dir: Path, build: Path, cfg: QuantConfig, variant_ids: Sequence[s
     }
     write_json(build / "gate.json", doc)
     return doc
+
+
+def _validated_note(v: VariantSpec) -> str:
+    """How the gate ran ``v``, for the manifest: its own backend, or a CPU stand-in for it."""
+    if v.native_here:
+        return v.validated_with
+    if v.validated_with == SIM_BACKEND:
+        return f"{SIM_BACKEND} (ONNX Runtime CPU simulating the Q/DQ arithmetic of the {v.backend} graph)"
+    return f"{v.validated_with} (CPU run of the graph the {v.backend} engine is built from)"
 
 
 def format_report(doc: Mapping[str, Any]) -> str:

@@ -180,7 +180,7 @@ CATALOGUE: tuple[VariantSpec, ...] = (
         precision="fp16",
         file="model.fp16.onnx",
         builder="build_fp16",
-        gate_backend="onnxruntime-qdq-sim",
+        gate_backend="onnxruntime",
         requires={
             "gpu": True,
             "gpu_compute_capability_min": "7.5",

@@ -15,8 +15,8 @@ import enum
 import logging
 import sqlite3
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 from agent.db import transaction
 from agent.log import log_event

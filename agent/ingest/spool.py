@@ -1,37 +1,77 @@
 """Durable storage of received DICOM instances and their SQLite journal.
 
-The listener hands the spool the bytes a peer sent (preamble, file meta and the data set exactly as
-encoded on the wire); the spool makes them durable before anyone acknowledges them:
+The listener hands the spool the bytes a peer sent (file meta and the data set exactly as encoded
+on the wire); the spool makes them durable before anyone acknowledges them. The guarantee: when
+``store_bytes`` returns, the instance survives a crash or power loss *and* will be processed (it is
+journaled now, or re-journaled by ``reconcile()`` at the next start-up).
 
+Fast path (``store_bytes``)
+---------------------------
 1. check the free-space floor (counting the incoming size) -> ``OutOfSpaceError``, nothing written;
-2. write a temp file under ``<root>/.tmp`` (same filesystem as the spool), ``fsync`` it;
-3. parse only the header (pydicom, stopping before the pixel data) for UIDs and routing fields;
-   a file that does not parse or lacks a required UID -> quarantine + ``MalformedDicomError``;
-4. ``rename`` to ``<root>/<study_uid>/<series_uid>/<sop_instance_uid>.dcm``, ``fsync`` the
-   directory (and the parents of directories it had to create);
-5. insert the ``instances`` row (``synchronous=FULL``).
+2. parse the header from the bytes in memory (pydicom, stopping before the pixel data) for UIDs
+   and routing fields; a data set that does not parse or lacks a required UID -> quarantine +
+   ``MalformedDicomError``; an unaccepted SOP class -> ``UnsupportedDicomError``; a SOP Instance
+   UID already journaled -> duplicate, nothing written (the first copy is kept, ``created=False``);
+3. take a file from the *pool* ``<root>/.pool``: empty files created ahead of time in batches
+   whose directory entries were made durable with one directory fsync per batch;
+4. write the instance into it with a *commit mark* in the 128-byte preamble (magic, total length,
+   CRC-32 of everything after the preamble) and ``fdatasync`` it. ``fdatasync`` persists the
+   data and the file size; the file's name was already durable, so nothing else is needed: the
+   instance is now durable, with one device flush instead of three (file, directory, journal);
+5. ``rename`` it to ``<root>/<study_uid>/<series_uid>/<sop_instance_uid>.dcm`` without a
+   directory fsync, and insert the ``instances`` row on a connection with ``synchronous=NORMAL``
+   (a WAL commit without a flush).
 
-Only then may the caller answer Success. A SOP Instance UID already in the journal is a duplicate:
-the first copy is kept, the new temp file dropped, and the call succeeds with ``created=False``.
-A crash at any point leaves either nothing acknowledged (stale temp files, removed at start-up) or
-a renamed file without a row (indexed again by ``reconcile()``, or replaced when the peer resends).
+Only then may the caller answer Success.
+
+Why that is enough: the files are the source of truth and ``reconcile()`` rebuilds everything
+else from them. After a crash an acknowledged instance is in exactly one of two places (a rename
+is atomic on a journaling filesystem): still in the pool (the rename was not yet on disk) or in
+place (its row possibly lost with the unsynced WAL tail). ``reconcile()`` moves pool files whose
+commit mark verifies into place, journals spooled files that lack a row, and leaves empty pool
+files for reuse. A pool file whose mark is missing or does not verify (a crash during the write or
+before ``fdatasync`` returned) was never acknowledged and is dropped: the peer got no Success and
+sends it again. The mark is what makes that distinction safe: without it a half-written file with
+a complete header would be journaled, and the peer's resend would then be discarded as a duplicate
+of a corrupt copy. The preamble is ours to use (PS3.10 7.1: "available for use as defined by ...
+specific implementations"); it never travels over the network and readers skip it.
+
+The renames become durable in their final directories with the next journal commit the
+filesystem makes anyway (every ``fdatasync`` of a growing file commits ext4's journal), and at the
+latest when a background thread fsyncs the series directories touched and the pool directory:
+every ``sync_interval_s`` seconds, sooner after many renames, and in ``close()``. That thread
+also refills the pool; the store path creates pool files itself only when the pool is empty. It is
+started on demand and exits when idle, so a Spool nobody closes leaves no thread behind.
+
+Slow paths, unchanged in substance: ``store_file`` (pynetdicom's chunked receive) links or copies
+the file into ``<root>/.tmp``, fsyncs it, renames it into place and fsyncs the directory;
+quarantine fsyncs its file, sidecar and directory; retention deletes and quarantine rows commit
+with ``synchronous=FULL`` (those rows are not reconstructible from the files).
+
+Assumes a journaling filesystem whose metadata operations reach the disk in order and atomically
+(ext4 with ``data=ordered``, XFS), as crash-safe renames always do.
 
 Nothing here reads or logs patient fields; the journal holds UIDs and routing attributes only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import sqlite3
+import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator
+import zlib
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -65,6 +105,19 @@ _TAG_BODY_PART = 0x00180015
 _TAG_STUDY_UID = 0x0020000D
 _TAG_SERIES_UID = 0x0020000E
 _TAG_INSTANCE_NUMBER = 0x00200013
+
+# Commit mark written into the Part 10 preamble of every pooled instance: magic, total file
+# length, CRC-32 of the bytes after the preamble. Written with the data, in the same fdatasync.
+_PREAMBLE = 128
+_MARK_MAGIC = b"edge-agent:spool"
+_MARK = struct.Struct("<16sQI")
+_MARK_PAD = bytes(_PREAMBLE - _MARK.size)
+
+_POOL_SUFFIX = ".pool"
+# the store path creates this many when it finds the pool empty (one directory fsync for all)
+_POOL_INLINE_BATCH = 8
+# a background worker with nothing to do for this many ticks exits (a store restarts it)
+_WORKER_IDLE_TICKS = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -136,8 +189,12 @@ class Spool:
     ``root`` and ``quarantine`` are created if missing. ``conn`` comes from ``agent.db.connect``;
     the spool serialises its own use of it with a lock, so the listener's association threads and
     the assembler may call the spool concurrently. Give the spool a connection of its own: other
-    code using the same connection outside this lock could interleave with its statements. ``min_free_mb`` is the floor below which
-    instances are refused; ``disk_usage`` is injectable so tests can fake a full disk.
+    code using the same connection outside this lock could interleave with its statements, and the
+    spool sets ``synchronous=NORMAL`` on it (see the module docstring). ``min_free_mb`` is the
+    floor below which instances are refused; ``disk_usage`` is injectable so tests can fake a full
+    disk. ``pool_size`` empty files are kept ready in ``<root>/.pool``; directories touched by
+    stores are fsynced every ``sync_interval_s`` seconds (or after ``sync_every`` renames) by a
+    background thread. Call ``close()`` at shutdown to make those renames durable at once.
     """
 
     def __init__(
@@ -149,11 +206,16 @@ class Spool:
         *,
         disk_usage: Callable[[Path], DiskUsage] = shutil.disk_usage,
         clock: Callable[[], float] = time.time,
+        pool_size: int = 128,
+        sync_interval_s: float = 2.0,
+        sync_every: int = 512,
     ) -> None:
         self.root = Path(root).absolute()
         self.quarantine_dir = Path(quarantine).absolute()
         self.tmp_dir = self.root / ".tmp"
+        self.pool_dir = self.root / ".pool"
         self.min_free_mb = min_free_mb
+        self.sync_interval_s = sync_interval_s
         self._conn = conn
         self._disk_usage = disk_usage
         self._clock = clock
@@ -161,11 +223,32 @@ class Spool:
         # not safe for interleaved use across threads, and retention must not rmdir a series
         # directory between a store's mkdir and its rename.
         self._lock = threading.RLock()
-        for d in (self.root, self.tmp_dir, self.quarantine_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        # The pool: free files (durable, empty) and those handed to a store in progress (which
+        # reconcile() must not touch). Its own lock, so taking a file never waits on the journal.
+        self._pool_lock = threading.Lock()
+        self._pool: deque[Path] = deque()
+        self._in_use: set[Path] = set()
+        self._pool_target = max(1, pool_size)
+        self._pool_low = max(1, self._pool_target // 2)
+        # Background worker state: directories with renames not yet fsynced, and the worker itself.
+        self._bg_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._dirty: set[Path] = set()
+        self._dirty_count = 0
+        self._sync_every = max(1, sync_every)
+        self._worker: threading.Thread | None = None
+        self._closing = False
+
+        for d in (self.root, self.tmp_dir, self.pool_dir, self.quarantine_dir):
+            _makedirs_durable(d, stop_at=Path(d.anchor))
         with self._lock:
             self._conn.executescript(_SCHEMA)
+            # the files are the source of truth (see the module docstring): a row lost with the
+            # unsynced WAL tail is rebuilt by reconcile(), so commits need not flush the device
+            self._conn.execute("PRAGMA synchronous=NORMAL")
         self._remove_stale_temps()
+        self._load_pool()
+        self._refill_pool()
 
     # ------------------------------------------------------------------ storing
 
@@ -183,21 +266,31 @@ class Spool:
         accepted: anything else raises ``UnsupportedDicomError`` and is not kept.
         Raises ``OutOfSpaceError`` (nothing written), ``QuarantinedError`` (a
         ``MalformedDicomError``; bytes moved to quarantine) or ``StorageError``.
+        The stored file's preamble carries the spool's commit mark; the rest is ``data`` as is.
         """
-        self._check_space(len(data))
-        tmp = self._new_temp_path()
+        view = memoryview(data).cast("B")
+        self._check_space(view.nbytes)
         try:
-            with open(tmp, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            # BytesIO shares a bytes object's buffer (no copy); the parse stops before the pixels
+            header = _parse_header(io.BytesIO(data if isinstance(data, bytes) else view.tobytes()))
+        except MalformedDicomError as exc:
+            raise self._quarantine_bytes(view, str(exc), calling_ae=calling_ae) from exc
+        self._check_sop_class(header, sop_classes)
+        # a duplicate costs no I/O at all: the journaled first copy is already durable
+        existing = self.get(header.sop_instance_uid)
+        if existing is not None:
+            return existing, False
+
+        pooled = self._take_pool_file()
+        try:
+            _write_marked(pooled, view)
         except OSError as exc:
-            _unlink_quietly(tmp)
+            self._discard_pool_file(pooled)
             raise _storage_error(exc, "writing a received instance") from exc
         except BaseException:
-            _unlink_quietly(tmp)  # nothing half-written stays behind, whatever interrupted us
+            self._discard_pool_file(pooled)  # nothing half-written stays behind, whatever interrupted us
             raise
-        return self._commit(tmp, calling_ae=calling_ae, sop_classes=sop_classes)
+        return self._place_pooled(pooled, header, view.nbytes, calling_ae=calling_ae)
 
     def store_file(
         self,
@@ -211,6 +304,8 @@ class Spool:
         A file already under the spool's ``.tmp`` directory is consumed (renamed into place or
         removed). Any other file (pynetdicom's chunked-receive temp file, a file on disk) is left
         where it is: it is hard-linked into ``.tmp`` when on the same filesystem, copied otherwise.
+        This path fsyncs file and directory itself (it is not the hot path; the file is stored
+        byte for byte, preamble included).
         """
         tmp_path = Path(tmp_path)
         try:
@@ -259,10 +354,66 @@ class Spool:
             _unlink_quietly(dst)
             raise _storage_error(exc, "syncing a received instance") from exc
 
+    def _check_sop_class(self, header: _Header, sop_classes: Collection[str] | None) -> None:
+        if sop_classes is not None and header.sop_class_uid not in sop_classes:
+            raise UnsupportedDicomError(
+                f"SOP class {header.sop_class_uid} ({sop_class_name(header.sop_class_uid)}) not accepted"
+            )
+
+    def _final_path(self, header: _Header) -> Path:
+        series_dir = self.root / _path_part(header.study_uid) / _path_part(header.series_uid)
+        return series_dir / f"{_path_part(header.sop_instance_uid)}.dcm"
+
+    def _new_instance(self, header: _Header, path: Path, size: int, calling_ae: str, received_at: float) -> Instance:
+        return Instance(
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            path=path,
+            transfer_syntax=header.transfer_syntax,
+            modality=header.modality,
+            received_at=received_at,
+            size=size,
+            calling_ae=calling_ae,
+            series_description=header.series_description,
+            body_part=header.body_part,
+            instance_number=header.instance_number,
+        )
+
+    def _place_pooled(self, pooled: Path, header: _Header, size: int, *, calling_ae: str) -> tuple[Instance, bool]:
+        """Rename a durable pool file into place and journal it (or drop it as a duplicate)."""
+        final = self._final_path(header)
+        with self._lock:
+            # again under the lock: another association may have stored the same UID meanwhile
+            existing = self._get_locked(header.sop_instance_uid)
+            if existing is not None:
+                self._discard_pool_file(pooled)
+                return existing, False
+            try:
+                _makedirs_durable(final.parent, stop_at=self.root)
+                # replace, not link: a file left there by a crash between rename and insert is
+                # the same instance, complete (only durable pool files are ever renamed)
+                os.replace(pooled, final)
+            except OSError as exc:
+                self._discard_pool_file(pooled)
+                raise _storage_error(exc, "moving an instance into the spool") from exc
+            with self._pool_lock:
+                self._in_use.discard(pooled)
+            self._note_renamed(final.parent)
+            instance = self._new_instance(header, final, size, calling_ae, self._clock())
+            try:
+                self._insert_locked(instance)
+            except sqlite3.Error as exc:
+                # the file is durable (it is the peer's data) but not acknowledged; a resend or
+                # reconcile() journals it
+                raise StorageError(f"journal insert failed: {exc}") from exc
+        return instance, True
+
     def _commit(
         self, tmp: Path, *, calling_ae: str, sop_classes: Collection[str] | None
     ) -> tuple[Instance, bool]:
-        """Parse the durable temp file, then rename it into place and journal it (or not)."""
+        """Parse a durable temp file (store_file), rename it into place, fsync, journal it (or not)."""
         try:
             header = _read_header(tmp)
         except MalformedDicomError as exc:
@@ -270,51 +421,204 @@ class Spool:
         except BaseException:
             _unlink_quietly(tmp)
             raise
-        if sop_classes is not None and header.sop_class_uid not in sop_classes:
+        try:
+            self._check_sop_class(header, sop_classes)
+        except UnsupportedDicomError:
             _unlink_quietly(tmp)
-            raise UnsupportedDicomError(
-                f"SOP class {header.sop_class_uid} ({sop_class_name(header.sop_class_uid)}) not accepted"
-            )
+            raise
 
         size = tmp.stat().st_size
-        series_dir = self.root / _path_part(header.study_uid) / _path_part(header.series_uid)
-        final = series_dir / f"{_path_part(header.sop_instance_uid)}.dcm"
+        final = self._final_path(header)
         with self._lock:
             existing = self._get_locked(header.sop_instance_uid)
             if existing is not None:
                 _unlink_quietly(tmp)
                 return existing, False
             try:
-                _makedirs_durable(series_dir, stop_at=self.root)
-                # replace, not link: a file left there by a crash between rename and insert (never
-                # acknowledged) is simply superseded by this copy of the same instance
+                _makedirs_durable(final.parent, stop_at=self.root)
                 os.replace(tmp, final)
-                _fsync_dir(series_dir)
+                _fsync_dir(final.parent)
             except OSError as exc:
                 _unlink_quietly(tmp)
                 raise _storage_error(exc, "moving an instance into the spool") from exc
-            instance = Instance(
-                sop_instance_uid=header.sop_instance_uid,
-                sop_class_uid=header.sop_class_uid,
-                study_uid=header.study_uid,
-                series_uid=header.series_uid,
-                path=final,
-                transfer_syntax=header.transfer_syntax,
-                modality=header.modality,
-                received_at=self._clock(),
-                size=size,
-                calling_ae=calling_ae,
-                series_description=header.series_description,
-                body_part=header.body_part,
-                instance_number=header.instance_number,
-            )
+            instance = self._new_instance(header, final, size, calling_ae, self._clock())
             try:
                 self._insert_locked(instance)
             except sqlite3.Error as exc:
-                # the file stays (it is the peer's data) but is not acknowledged; a resend or
-                # reconcile() journals it
                 raise StorageError(f"journal insert failed: {exc}") from exc
         return instance, True
+
+    # ------------------------------------------------------------------ the pool
+
+    def _load_pool(self) -> None:
+        """Adopt the empty pool files a previous run left (non-empty ones are reconcile()'s)."""
+        free: list[Path] = []
+        for p in self.pool_dir.iterdir():
+            if p.suffix != _POOL_SUFFIX:
+                continue
+            try:
+                if p.is_file() and p.stat().st_size == 0:
+                    free.append(p)
+            except FileNotFoundError:
+                continue  # removed while we looked: not ours to adopt
+        with self._pool_lock:
+            self._pool.extend(free)
+
+    def _create_pool_files(self, n: int) -> list[Path]:
+        """Create ``n`` empty files in the pool and make their names durable (one dir fsync)."""
+        made: list[Path] = []
+        try:
+            for _ in range(n):
+                p = self.pool_dir / f"{uuid.uuid4().hex}{_POOL_SUFFIX}"
+                os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                made.append(p)
+            _fsync_dir(self.pool_dir)
+        except BaseException:
+            # a file whose name may not be durable must never hold an acknowledged instance
+            for p in made:
+                _unlink_quietly(p)
+            raise
+        return made
+
+    def _refill_pool(self) -> bool:
+        """Top the pool up to its target when it is below the low-water mark; True if it did."""
+        with self._pool_lock:
+            missing = self._pool_target - len(self._pool)
+            if len(self._pool) >= self._pool_low:
+                return False
+        made = self._create_pool_files(missing)
+        with self._pool_lock:
+            self._pool.extend(made)
+        return True
+
+    def _take_pool_file(self) -> Path:
+        """A durable empty file for one store; creates a small batch only if the pool is empty."""
+        with self._pool_lock:
+            path = self._pool.popleft() if self._pool else None
+            if path is not None:
+                self._in_use.add(path)
+            low = len(self._pool) < self._pool_low
+        if path is None:
+            try:
+                made = self._create_pool_files(_POOL_INLINE_BATCH)
+            except OSError as exc:
+                raise _storage_error(exc, "creating spool files") from exc
+            path = made.pop()
+            with self._pool_lock:
+                self._in_use.add(path)
+                self._pool.extend(made)
+        if low:
+            self._kick_worker()
+        return path
+
+    def _discard_pool_file(self, path: Path) -> None:
+        """Drop a pool file a store could not use (its content, if any, was never acknowledged)."""
+        _unlink_quietly(path)
+        with self._pool_lock:
+            self._in_use.discard(path)
+
+    # ------------------------------------------------------------------ background syncing
+
+    def _note_renamed(self, series_dir: Path) -> None:
+        """Remember a directory whose new entry still needs an fsync to be durable there."""
+        with self._bg_lock:
+            if self._closing:
+                inline = True
+            else:
+                inline = False
+                self._dirty.add(series_dir)
+                self._dirty_count += 1
+                if self._dirty_count >= self._sync_every:
+                    self._wake.set()
+                if self._worker is None:
+                    self._start_worker_locked()
+        if inline:
+            # after close() no worker runs: make this rename durable now (slow, but correct)
+            _fsync_dir(series_dir)
+            _fsync_dir(self.pool_dir)
+
+    def _kick_worker(self) -> None:
+        with self._bg_lock:
+            if self._closing:
+                return
+            self._wake.set()
+            if self._worker is None:
+                self._start_worker_locked()
+
+    def _start_worker_locked(self) -> None:
+        t = threading.Thread(target=self._worker_main, name="spool-sync", daemon=True)
+        self._worker = t
+        t.start()
+
+    def _worker_main(self) -> None:
+        """Refill the pool and fsync touched directories until closed or idle for a while."""
+        idle = 0
+        while True:
+            self._wake.wait(self.sync_interval_s)
+            self._wake.clear()
+            worked = False
+            try:
+                worked = self._refill_pool()
+                worked = self._sync_dirty() or worked
+            except OSError as exc:
+                # e.g. ENOSPC creating pool files: stores still work (they create files when the
+                # pool is empty and report the error to the peer); try again next tick
+                log_event(logger, "spool.background_failed", logging.WARNING,
+                          error=exc.strerror or type(exc).__name__)
+                worked = True
+            except Exception:  # noqa: BLE001 - logged with traceback; the thread must not die silently
+                logger.exception("spool.background_crashed")
+                worked = True
+            with self._bg_lock:
+                if self._closing:
+                    self._worker = None
+                    return
+                idle = 0 if (worked or self._dirty) else idle + 1
+                if idle >= _WORKER_IDLE_TICKS:
+                    self._worker = None  # the next store starts a new one
+                    return
+
+    def _sync_dirty(self) -> bool:
+        """fsync the series directories with new entries, then the pool; True if any were."""
+        with self._bg_lock:
+            dirs, self._dirty, self._dirty_count = self._dirty, set(), 0
+        if not dirs:
+            return False
+        pending = set(dirs)
+        try:
+            # new names first, then the pool directory they left: at every point the file has a
+            # durable name, even on a filesystem that does not order the two
+            for d in sorted(dirs):
+                try:
+                    _fsync_dir(d)
+                except FileNotFoundError:
+                    # retention removed the series meanwhile: no entry left to make durable
+                    log_event(logger, "spool.sync_skipped", logging.DEBUG, reason="directory removed")
+                pending.discard(d)
+            _fsync_dir(self.pool_dir)
+        except BaseException:
+            with self._bg_lock:
+                self._dirty |= pending  # retried at the next tick
+                self._dirty_count += len(pending)
+            raise
+        return True
+
+    def close(self) -> None:
+        """Stop the background thread and fsync the directories it had yet to sync. Idempotent.
+
+        The spool stays usable; later stores fsync their directory themselves.
+        """
+        with self._bg_lock:
+            self._closing = True
+            worker = self._worker
+        self._wake.set()
+        if worker is not None:
+            worker.join()
+        try:
+            self._sync_dirty()
+        except OSError as exc:
+            # the files are durable in the pool or in place either way; reconcile() finds them
+            log_event(logger, "spool.close_sync_failed", logging.WARNING, error=exc.strerror or type(exc).__name__)
 
     # ------------------------------------------------------------------ quarantine
 
@@ -336,30 +640,57 @@ class Spool:
                 shutil.copyfile(tmp, dst)
                 _fsync_file(dst)
                 _unlink_quietly(tmp)
-            sidecar = {
-                "id": qid,
-                "reason": reason,
-                "calling_ae": calling_ae,
-                "received_at": received_at,
-                "size": size,
-                "sha256": digest,
-                **meta,
-            }
-            side = self.quarantine_dir / f"{qid}.json"
-            with open(side, "x", encoding="utf-8") as f:
-                json.dump(sidecar, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(self.quarantine_dir)
-            with self._lock:
-                self._conn.execute(
-                    "INSERT INTO quarantine (id, path, reason, calling_ae, received_at) VALUES (?,?,?,?,?)",
-                    (qid, str(dst), reason, calling_ae, received_at),
-                )
+            self._record_quarantine(qid, dst, reason, calling_ae, received_at, size, digest, meta)
         except (OSError, sqlite3.Error) as exc:
             # the peer still gets a failure status, so it keeps its copy; a temp that could not be
             # moved stays in .tmp until the next start-up
             log_event(logger, "quarantine.failed", logging.ERROR, quarantine_id=qid, error=repr(exc))
+        return self._quarantined(qid, dst, reason, calling_ae, meta)
+
+    def _quarantine_bytes(self, data: memoryview, reason: str, *, calling_ae: str) -> QuarantinedError:
+        """Write ``data`` (the raw bytes as received) to quarantine with a JSON sidecar and a row."""
+        qid = uuid.uuid4().hex
+        dst = self.quarantine_dir / f"{qid}.dcm"
+        received_at = self._clock()
+        meta = _file_meta_summary_of(io.BytesIO(data))
+        try:
+            with open(dst, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self._record_quarantine(qid, dst, reason, calling_ae, received_at, data.nbytes,
+                                    hashlib.sha256(data).hexdigest(), meta)
+        except (OSError, sqlite3.Error) as exc:
+            # the peer still gets a failure status, so it keeps its copy
+            log_event(logger, "quarantine.failed", logging.ERROR, quarantine_id=qid, error=repr(exc))
+        return self._quarantined(qid, dst, reason, calling_ae, meta)
+
+    def _record_quarantine(self, qid: str, dst: Path, reason: str, calling_ae: str, received_at: float,
+                           size: int, digest: str, meta: dict[str, str]) -> None:
+        """Sidecar, directory fsync and row for a quarantined file already durable at ``dst``."""
+        sidecar = {
+            "id": qid,
+            "reason": reason,
+            "calling_ae": calling_ae,
+            "received_at": received_at,
+            "size": size,
+            "sha256": digest,
+            **meta,
+        }
+        side = self.quarantine_dir / f"{qid}.json"
+        with open(side, "x", encoding="utf-8") as f:
+            json.dump(sidecar, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(self.quarantine_dir)
+        with self._lock, self._full_sync():
+            self._conn.execute(
+                "INSERT INTO quarantine (id, path, reason, calling_ae, received_at) VALUES (?,?,?,?,?)",
+                (qid, str(dst), reason, calling_ae, received_at),
+            )
+
+    def _quarantined(self, qid: str, dst: Path, reason: str, calling_ae: str,
+                     meta: dict[str, str]) -> QuarantinedError:
         log_event(
             logger,
             "instance.quarantined",
@@ -400,14 +731,15 @@ class Spool:
     def delete_series(self, series_uid: str) -> int:
         """Delete a series' rows and files (retention); returns how many instances were removed.
 
-        Rows go first, then files, so a crash in between leaves unreferenced files (harmless,
-        removed with the directory next time) rather than rows pointing at nothing.
+        Rows go first (committed with a flush), then files, so a crash in between leaves
+        unreferenced files (harmless, removed with the directory next time) rather than rows
+        pointing at nothing.
         """
         with self._lock:
             rows = self._conn.execute(
                 "SELECT path FROM instances WHERE series_uid = ?", (series_uid,)
             ).fetchall()
-            with transaction(self._conn) as c:
+            with self._full_sync(), transaction(self._conn) as c:
                 c.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
             dirs: set[Path] = set()
             for row in rows:
@@ -424,11 +756,17 @@ class Spool:
         return self._disk_usage(self.root).free / _MB
 
     def reconcile(self) -> int:
-        """Journal spooled files that have no row (a crash between rename and insert).
+        """Rebuild the spool's state from its files after a crash; meant for service start-up.
 
-        Such files were never acknowledged, but they are the peer's data, so they are indexed
-        rather than deleted. Returns how many were added. Meant for service start-up.
+        (a) pool files whose commit mark verifies (acknowledged, or about to be) are moved into
+        place; those whose mark is missing or wrong were never acknowledged and are dropped;
+        (b) spooled files without a row (a crash before the row reached the disk) are journaled:
+        they are the peer's data, so they are indexed rather than deleted; (c) empty pool files
+        stay for reuse; (d) the directories changed are fsynced once at the end.
+        Returns how many rows were added.
         """
+        touched: set[Path] = set()
+        moved, dropped = self._recover_pool(touched)
         added = 0
         with self._lock:
             known = {r["path"] for r in self._conn.execute("SELECT path FROM instances")}
@@ -436,33 +774,90 @@ class Spool:
             if str(path) in known:
                 continue
             try:
-                header = _read_header(path)
+                raw = path.read_bytes()
+            except OSError as exc:
+                log_event(logger, "reconcile.skipped", logging.WARNING, file=path.name, reason=exc.strerror)
+                continue
+            if _verify_mark(raw) is False:
+                # only verified files are ever placed; this one changed on disk since
+                log_event(logger, "reconcile.skipped", logging.WARNING, file=path.name, reason="commit mark mismatch")
+                continue
+            try:
+                header = _parse_header(io.BytesIO(raw))
             except MalformedDicomError as exc:
                 log_event(logger, "reconcile.skipped", logging.WARNING, file=path.name, reason=str(exc))
                 continue
-            instance = Instance(
-                sop_instance_uid=header.sop_instance_uid,
-                sop_class_uid=header.sop_class_uid,
-                study_uid=header.study_uid,
-                series_uid=header.series_uid,
-                path=path,
-                transfer_syntax=header.transfer_syntax,
-                modality=header.modality,
-                received_at=path.stat().st_mtime,
-                size=path.stat().st_size,
-                series_description=header.series_description,
-                body_part=header.body_part,
-                instance_number=header.instance_number,
-            )
+            instance = self._new_instance(header, path, len(raw), "", path.stat().st_mtime)
             with self._lock:
                 if self._get_locked(instance.sop_instance_uid) is None:
                     self._insert_locked(instance)
                     added += 1
+        if touched:
+            for d in sorted(touched):
+                _fsync_dir(d)
+            _fsync_dir(self.pool_dir)
+        self._refill_pool()
+        if moved or dropped:
+            log_event(logger, "spool.pool_recovered", logging.WARNING, moved=moved, dropped=dropped)
         if added:
             log_event(logger, "spool.reconciled", logging.WARNING, added=added)
         return added
 
+    def _recover_pool(self, touched: set[Path]) -> tuple[int, int]:
+        """Step (a) of reconcile(): returns (moved into place, dropped)."""
+        moved = dropped = 0
+        with self._pool_lock:
+            skip = set(self._in_use) | set(self._pool)
+        for p in sorted(self.pool_dir.iterdir()):
+            if p in skip or not p.is_file():
+                continue
+            try:
+                raw = p.read_bytes()
+            except OSError as exc:
+                log_event(logger, "reconcile.skipped", logging.WARNING, file=p.name, reason=exc.strerror)
+                continue
+            if not raw:
+                with self._pool_lock:
+                    self._pool.append(p)  # (c) empty: reuse it
+                continue
+            header: _Header | None = None
+            if _verify_mark(raw):
+                try:
+                    header = _parse_header(io.BytesIO(raw))
+                except MalformedDicomError as exc:
+                    # written before a store gave up on it (never acknowledged)
+                    log_event(logger, "reconcile.pool_dropped", logging.WARNING, file=p.name, reason=str(exc))
+            if header is None:
+                # torn or unfinished write: never acknowledged, the peer sends it again
+                _unlink_quietly(p)
+                dropped += 1
+                continue
+            final = self._final_path(header)
+            with self._lock:
+                if final.exists():
+                    # an identical complete copy is already in place (a duplicate's leftover)
+                    _unlink_quietly(p)
+                    dropped += 1
+                    continue
+                _makedirs_durable(final.parent, stop_at=self.root)
+                os.replace(p, final)
+            touched.add(final.parent)
+            moved += 1
+        return moved, dropped
+
     # ------------------------------------------------------------------ internals
+
+    @contextlib.contextmanager
+    def _full_sync(self) -> Iterator[None]:
+        """Commit with ``synchronous=FULL`` inside the block: for rows no file can rebuild.
+
+        Caller holds ``self._lock``. In WAL mode the flush also persists earlier NORMAL commits.
+        """
+        self._conn.execute("PRAGMA synchronous=FULL")
+        try:
+            yield
+        finally:
+            self._conn.execute("PRAGMA synchronous=NORMAL")
 
     def _check_space(self, incoming: int) -> None:
         free = self.free_mb()
@@ -487,7 +882,7 @@ class Spool:
 
     def _iter_spooled(self) -> Iterator[Path]:
         for study in self.root.iterdir():
-            if not study.is_dir() or study == self.tmp_dir:
+            if not study.is_dir() or study in (self.tmp_dir, self.pool_dir):
                 continue
             for series in study.iterdir():
                 if series.is_dir():
@@ -523,11 +918,68 @@ class Spool:
         )
 
 
+# ---------------------------------------------------------------------- commit mark
+
+
+def _write_marked(path: Path, data: memoryview) -> None:
+    """Write ``data`` into the (empty, durable) pool file ``path`` with the commit mark; fdatasync.
+
+    The preamble is replaced by the mark; everything after it is written as is. ``fdatasync``
+    persists the data and the file size: the name is already durable, so the instance is too.
+    """
+    body = data[_PREAMBLE:]
+    head = _MARK.pack(_MARK_MAGIC, data.nbytes, zlib.crc32(body)) + _MARK_PAD
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        _write_all(fd, [head, body])
+        _fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _verify_mark(raw: bytes) -> bool | None:
+    """True when ``raw`` carries a commit mark matching its length and content, False when the
+    mark is there but does not match (a torn write), None when there is no mark at all."""
+    if len(raw) < _MARK.size:
+        return None
+    magic, length, crc = _MARK.unpack_from(raw)
+    if magic != _MARK_MAGIC:
+        return None
+    return length == len(raw) and crc == zlib.crc32(memoryview(raw)[_PREAMBLE:])
+
+
+def _write_all(fd: int, parts: Sequence[memoryview | bytes]) -> None:
+    """``writev`` until every byte is written (a regular file takes it all unless interrupted)."""
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def _fdatasync(fd: int) -> None:
+    # looked up at call time (tests patch os.fdatasync); platforms without it fall back to fsync
+    getattr(os, "fdatasync", os.fsync)(fd)
+
+
 # ---------------------------------------------------------------------- header parsing
 
 
 def _read_header(path: Path) -> _Header:
-    """Parse the header of a Part 10 file up to the pixel data; MalformedDicomError when unusable.
+    """``_parse_header`` of a file; a file that cannot be opened is MalformedDicomError too."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below; open errors share the parse's handling
+    except OSError as exc:
+        raise MalformedDicomError(f"unreadable file ({type(exc).__name__})") from exc
+    with f:
+        return _parse_header(f)
+
+
+def _parse_header(fp: BinaryIO) -> _Header:
+    """Parse the header of a Part 10 stream up to the pixel data; MalformedDicomError when unusable.
 
     Values are read from the raw elements rather than through pydicom's converters: conversion
     validates values and its warnings quote them, which must not happen for patient fields (and we
@@ -544,13 +996,12 @@ def _read_header(path: Path) -> _Header:
         return False
 
     try:
-        with open(path, "rb") as f:
-            ds = read_partial(f, stop_when=stop_at_pixels)
-            transfer_syntax = _raw_str(ds.file_meta, 0x00020010) if ds.file_meta else ""
-            fields = {tag: _raw_str(ds, tag) for tag in (
-                _TAG_SOP_CLASS, _TAG_SOP_INSTANCE, _TAG_STUDY_UID, _TAG_SERIES_UID, _TAG_MODALITY,
-                _TAG_SERIES_DESCRIPTION, _TAG_BODY_PART, _TAG_INSTANCE_NUMBER,
-            )}
+        ds = read_partial(fp, stop_when=stop_at_pixels)
+        transfer_syntax = _raw_str(ds.file_meta, 0x00020010) if ds.file_meta else ""
+        fields = {tag: _raw_str(ds, tag) for tag in (
+            _TAG_SOP_CLASS, _TAG_SOP_INSTANCE, _TAG_STUDY_UID, _TAG_SERIES_UID, _TAG_MODALITY,
+            _TAG_SERIES_DESCRIPTION, _TAG_BODY_PART, _TAG_INSTANCE_NUMBER,
+        )}
     except InvalidDicomError as exc:
         raise MalformedDicomError(f"not a DICOM Part 10 file: {_short(exc)}") from exc
     except MalformedDicomError:
@@ -613,17 +1064,26 @@ def _raw_str(ds: Dataset, tag: int) -> str:
 
 def _file_meta_summary(path: Path) -> dict[str, str]:
     """UIDs from a quarantined file's meta (set by the receiver from the C-STORE command)."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        return {"meta_error": type(exc).__name__}
+    with f:
+        return _file_meta_summary_of(f)
+
+
+def _file_meta_summary_of(f: BinaryIO) -> dict[str, str]:
+    """``_file_meta_summary`` of an open stream positioned at the start of the preamble."""
     out: dict[str, str] = {}
     try:
-        with open(path, "rb") as f:
-            if f.read(132)[128:] != b"DICM":
-                return out
-            f.seek(0)  # read_partial reads the preamble itself
-            ds = read_partial(f, stop_when=lambda tag, vr, length: int(tag) >> 16 != 0x0002)
-            meta = ds.file_meta
-            out["media_storage_sop_class_uid"] = _raw_str(meta, 0x00020002)
-            out["media_storage_sop_instance_uid"] = _raw_str(meta, 0x00020003)
-            out["transfer_syntax"] = _raw_str(meta, 0x00020010)
+        if f.read(132)[128:] != b"DICM":
+            return out
+        f.seek(0)  # read_partial reads the preamble itself
+        ds = read_partial(f, stop_when=lambda tag, vr, length: int(tag) >> 16 != 0x0002)
+        meta = ds.file_meta
+        out["media_storage_sop_class_uid"] = _raw_str(meta, 0x00020002)
+        out["media_storage_sop_instance_uid"] = _raw_str(meta, 0x00020003)
+        out["transfer_syntax"] = _raw_str(meta, 0x00020010)
     except Exception as exc:  # noqa: BLE001 - best effort for the sidecar only
         out["meta_error"] = type(exc).__name__
     # only well-formed UIDs go into the sidecar: whatever else a broken file holds stays in it
