@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -32,26 +32,26 @@ class InputSpec(_Strict):
     )
     channels: int = Field(1, ge=1, description="Input channels.")
     dims: Literal[2, 3] = Field(description="2 for slice models, 3 for volume models.")
-    target_spacing_mm: Optional[tuple[float, ...]] = Field(
+    target_spacing_mm: tuple[float, ...] | None = Field(
         None, description="Resample to this spacing, (z, y, x) for 3D or (y, x) for 2D, in mm."
     )
-    target_size: Optional[tuple[int, ...]] = Field(
+    target_size: tuple[int, ...] | None = Field(
         None, description="Resize to this size in voxels, (y, x) for 2D; used when no spacing is set."
     )
     normalisation: Literal["window", "zscore"] = Field(
         description="'window': clip to `window` then scale to [0, 1]; 'zscore': (x - mean) / std "
         "over the foreground (voxels above the 5th percentile)."
     )
-    window: Optional[tuple[float, float]] = Field(
+    window: tuple[float, float] | None = Field(
         None, description="(low, high) in modality units (HU for CT) for 'window' normalisation."
     )
-    patch_size: Optional[tuple[int, int, int]] = Field(
+    patch_size: tuple[int, int, int] | None = Field(
         None, description="Sliding-window patch (z, y, x) for 3D models."
     )
     overlap: float = Field(0.25, ge=0.0, lt=1.0, description="Fraction of overlap between patches.")
 
     @model_validator(mode="after")
-    def _check(self) -> "InputSpec":
+    def _check(self) -> InputSpec:
         if self.normalisation == "window" and self.window is None:
             raise ValueError("normalisation = 'window' needs `window = [low, high]`")
         if self.dims == 3 and self.patch_size is None:

@@ -115,7 +115,11 @@ class Service:
             d.mkdir(parents=True, exist_ok=True)
         self.spool = Spool(cfg.spool_dir, cfg.quarantine_dir, db.connect(cfg.db_path), cfg.storage.min_free_mb)
         self.outbox = Outbox(db.connect(cfg.db_path))
-        self.assembler = SeriesAssembler(db.connect(cfg.db_path), self.specs, cfg.pipeline.stable_age_s)
+        asm_conn = db.connect(cfg.db_path)
+        # per-instance series bookkeeping need not reach the platter before the C-STORE answer:
+        # the spool's files are the truth, and start-up re-derives series from them (reconcile)
+        asm_conn.execute("PRAGMA synchronous=NORMAL")
+        self.assembler = SeriesAssembler(asm_conn, self.specs, cfg.pipeline.stable_age_s)
         self.jobs = JobStore(self.assembler.conn)
         self._job_conn = db.connect(cfg.db_path)
         self._job_outbox = Outbox(self._job_conn)
@@ -156,6 +160,8 @@ class Service:
             self.runner.stop()
         if self.publisher is not None:
             self.publisher.stop(timeout=5)
+        if hasattr(self, "spool"):
+            self.spool.close()
         log_event(log, "service.stopped")
 
     def run_forever(self) -> int:

@@ -1,21 +1,26 @@
-"""Minimal pynetdicom C-STORE receiver: raw bytes to disk, no fsync, no database (the baseline)."""
+"""Minimal pynetdicom C-STORE receiver: raw bytes to disk, no fsync, no database (the baseline).
+
+It writes the same Part 10 file the agent stores (preamble, file meta, the data set as received),
+encoded the same way (``agent.ingest.scp.part10_bytes``: pynetdicom's ``encoded_dataset`` with the
+file meta written directly instead of through pydicom), so agent / baseline measures durability
+and journaling, not how fast each side encodes a file meta header. Nothing else is done per
+instance: one ``open``/``write``/``close``, the status returned at once.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from agent.ingest.scp import part10_bytes
+
 
 def handle_store(event: evt.Event, out: Path) -> int:
-    path = out / f"{event.request.AffectedSOPInstanceUID}.dcm"
-    with open(path, "wb") as f:
-        f.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(f, event.file_meta, enforce_standard=False)
-        f.write(event.request.DataSet.getvalue())
+    with open(out / f"{event.request.AffectedSOPInstanceUID}.dcm", "wb") as f:
+        f.write(part10_bytes(event))
     return 0x0000
 
 

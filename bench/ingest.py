@@ -1,6 +1,11 @@
-"""Ingest throughput: the agent (durable: fsync + SQLite) versus a minimal pynetdicom receiver
-(raw bytes to disk, no fsync), both fed by DCMTK's storescu with the same 300-slice 512x512 CT
-series, alternating, in one run. Target: agent / baseline >= 0.8.
+"""Ingest throughput: the agent (durable: fdatasync of a pooled file + SQLite journal) versus a
+minimal pynetdicom receiver (raw bytes to disk, no fsync), both fed by DCMTK's storescu with the
+same 300-slice 512x512 CT series, alternating, in one run. Target: agent / baseline >= 0.8.
+
+storescu sends one C-STORE at a time, so the figures are per-instance latency: the agent pays
+one device flush per instance on top of what the baseline does. On a shared machine the flush
+latency varies a lot with the other tenants' I/O; the JSON records the load average before and
+after, and the per-instance milliseconds of every round, so runs can be compared.
 
     .venv/bin/python bench/ingest.py [--slices 300] [--rounds 3] [--json out.json]
 """
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -37,6 +43,38 @@ def push(port: int, files: list[Path]) -> float:
     if proc.returncode != 0:
         raise RuntimeError(f"storescu failed: {proc.stderr[-2000:]}")
     return elapsed
+
+
+def flush_probe(tmp: Path, size: int, n: int = 40) -> dict[str, float]:
+    """The device's price for one durable write: ``size`` bytes into a pre-created empty file,
+    ``fdatasync`` (what the agent pays per instance), in ms. Recorded with every run because on a
+    shared virtual disk it varies from well under 1 ms to several ms with the neighbours' I/O."""
+    d = tmp / "flush-probe"
+    d.mkdir()
+    paths = [d / f"{k}.probe" for k in range(n)]
+    for p in paths:
+        p.touch()
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    data = os.urandom(size)
+    times = []
+    for p in paths:
+        t0 = time.perf_counter()
+        fd = os.open(p, os.O_WRONLY)
+        try:
+            os.write(fd, data)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        times.append((time.perf_counter() - t0) * 1000)
+        time.sleep(0.005)  # about the gap between two C-STOREs
+    shutil.rmtree(d)
+    times.sort()
+    return {"p10": round(times[n // 10], 2), "p50": round(statistics.median(times), 2),
+            "p90": round(times[int(n * 0.9)], 2), "mean": round(statistics.mean(times), 2)}
 
 
 def run_baseline(tmp: Path, files: list[Path], rnd: int) -> float:
@@ -80,10 +118,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="edge-bench-ingest-"))
+    load_before = os.getloadavg()
     try:
         files = make_series(tmp / "series", args.slices)
         size_mb = sum(f.stat().st_size for f in files) / 1e6
         base, agent = [], []
+        probe_before = flush_probe(tmp, files[0].stat().st_size)
         for rnd in range(args.rounds):  # alternate so drift in machine load hits both alike
             base.append(run_baseline(tmp, files, rnd))
             agent.append(run_agent(tmp, files, rnd))
@@ -95,6 +135,11 @@ def main() -> None:
             "baseline_instances_per_s": round(b_ips, 1), "agent_instances_per_s": round(a_ips, 1),
             "ratio": round(a_ips / b_ips, 3), "target_ratio": 0.8,
             "baseline_s": [round(x, 3) for x in base], "agent_s": [round(x, 3) for x in agent],
+            "baseline_ms_per_instance": round(statistics.median(base) / n * 1000, 2),
+            "agent_ms_per_instance": round(statistics.median(agent) / n * 1000, 2),
+            "flush_probe_ms": {"before": probe_before, "after": flush_probe(tmp, files[0].stat().st_size)},
+            "load_before": [round(x, 2) for x in load_before],
+            "load_after": [round(x, 2) for x in os.getloadavg()],
             "machine": machine_line(),
         }
         print(json.dumps(result))

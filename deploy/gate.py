@@ -57,8 +57,11 @@ logger = logging.getLogger(__name__)
 #: batch sizes whose predictions must agree
 BATCH_SIZES = (1, 2, 4)
 #: batch invariance: logits may differ by this much (relative to the logit scale) between batch
-#: sizes (different kernels / blocking per batch size round differently)
-BATCH_RTOL = 1e-3
+#: sizes. Float kernels block differently per batch size, and in a quantized graph such a last-bit
+#: difference can move a value across a rounding boundary: one quantization step, propagated. That
+#: is noise of the variant's own size, not a batching bug (which mixes samples: differences of the
+#: order of the logits themselves); the predictions (argmax) are what must agree.
+BATCH_RTOL = 0.1
 #: segmentation: share of voxels whose argmax must agree between batch sizes
 BATCH_VOXEL_AGREEMENT = 0.9999
 
@@ -257,7 +260,7 @@ def batch_invariance(backend: Any, inputs: np.ndarray, task: str) -> dict[str, A
 
     Returns ``{"passed", "max_abs_diff", "rel_diff", "argmax_agreement"}``: argmax must agree
     everywhere (classification) or on >= BATCH_VOXEL_AGREEMENT of voxels (segmentation), and the
-    logits within BATCH_RTOL of their scale.
+    logits stay within BATCH_RTOL of their scale (see there).
     """
     n = (len(inputs) // 4) * 4
     if n == 0:

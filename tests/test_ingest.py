@@ -17,6 +17,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -39,7 +40,14 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from agent.config import DicomConfig, TlsConfig
 from agent.db import connect
-from agent.errors import ConfigError, DicomError, MalformedDicomError, OutOfSpaceError
+from agent.errors import (
+    ConfigError,
+    DicomError,
+    MalformedDicomError,
+    OutOfSpaceError,
+    StorageError,
+    UnsupportedDicomError,
+)
 from agent.ingest import (
     ALL_STORAGE_SOP_CLASSES,
     DEFAULT_STORAGE_SOP_CLASSES,
@@ -56,7 +64,7 @@ from agent.ingest.sopclasses import (
     is_image_storage,
     resolve_sop_class,
 )
-from agent.ingest.spool import dataset_offset
+from agent.ingest.spool import _write_marked, dataset_offset
 from agent.log import KeyValueFormatter
 from agent.types import Event, Instance
 
@@ -92,10 +100,16 @@ class Rig:
         return self.spool._conn.execute("SELECT * FROM instances").fetchall()
 
     def spooled_files(self) -> list[Path]:
-        return sorted(p for p in self.spool.root.rglob("*") if p.is_file() and ".tmp" not in p.parts)
+        return sorted(p for p in self.spool.root.rglob("*")
+                      if p.is_file() and ".tmp" not in p.parts and ".pool" not in p.parts)
 
     def temp_files(self) -> list[Path]:
-        return list(self.spool.tmp_dir.iterdir())
+        """Leftovers of stores: temp files, and pool files holding bytes (the pool's own are empty)."""
+        return [*self.spool.tmp_dir.iterdir(), *pool_leftovers(self.spool)]
+
+
+def pool_leftovers(spool: Spool) -> list[Path]:
+    return [p for p in spool.pool_dir.iterdir() if p.stat().st_size > 0]
 
 
 @pytest.fixture
@@ -132,6 +146,7 @@ def make_rig(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
     yield make
     for rig in started:
         rig.listener.stop()
+        rig.spool.close()
 
 
 def ct_series(dst: Path, n: int = 4, *, patient_name: str = PHI_NAME) -> list[Path]:
@@ -799,10 +814,16 @@ def test_spool_copies_when_it_cannot_link_and_maps_enospc(tmp_path: Path, monkey
     def full(_: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    # the store path's only flush is the pool file's fdatasync; fsync covers directories
+    monkeypatch.setattr(os, "fdatasync", full)
     monkeypatch.setattr(os, "fsync", full)
+    blob = _ct_bytes(tmp_path, 1)[0]
     with pytest.raises(OutOfSpaceError):
-        spool.store_bytes(_ct_bytes(tmp_path, 1)[0])
-    assert list(spool.tmp_dir.iterdir()) == []
+        spool.store_bytes(blob)
+    assert list(spool.tmp_dir.iterdir()) == [] and pool_leftovers(spool) == []
+    assert spool.count() == 1
+    monkeypatch.undo()
+    spool.close()
 
 
 def test_spool_rejects_non_dicom_and_hashes_unsafe_uids(tmp_path: Path) -> None:
@@ -822,6 +843,32 @@ def test_spool_rejects_non_dicom_and_hashes_unsafe_uids(tmp_path: Path) -> None:
     inst, _ = spool.store_bytes(buf.getvalue())
     assert inst.series_uid == "../../escape"
     assert inst.path.parent.parent.parent == spool.root and ".." not in inst.path.parts
+
+
+def test_fast_file_meta_matches_pynetdicom_byte_for_byte() -> None:
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from agent.ingest.scp import part10_bytes
+
+    stream = b"\x08\x00\x16\x00UI\x04\x001.2\x00"
+    for sop_class, sop_instance, ts in (
+        (CT_IMAGE, generate_uid(), "1.2.840.10008.1.2.1"),  # odd / even lengths both ways
+        (MR_IMAGE, "1.2.3.44", "1.2.840.10008.1.2"),
+        ("1.2.840.10008.5.1.4.1.1.7", "1.2.3.4.5", "1.2.840.10008.1.2.4.50"),
+    ):
+        event = SimpleNamespace(
+            request=SimpleNamespace(AffectedSOPClassUID=sop_class, AffectedSOPInstanceUID=sop_instance,
+                                    DataSet=io.BytesIO(stream)),
+            context=SimpleNamespace(transfer_syntax=ts),
+        )
+        meta = create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=ts)
+        assert part10_bytes(event) == bytes(128) + b"DICM" + encode_file_meta(meta) + stream  # type: ignore[arg-type]
+    # anything but a plain UID goes through pynetdicom (and pydicom's handling of odd values)
+    odd = SimpleNamespace(request=SimpleNamespace(AffectedSOPClassUID=CT_IMAGE, AffectedSOPInstanceUID="1.2.x",
+                                                  DataSet=io.BytesIO(stream)),
+                          context=SimpleNamespace(transfer_syntax="1.2.840.10008.1.2.1"),
+                          encoded_dataset=lambda include_meta: b"via pynetdicom")
+    assert part10_bytes(odd) == b"via pynetdicom"  # type: ignore[arg-type]
 
 
 def test_sop_class_helpers() -> None:
@@ -848,3 +895,201 @@ def test_address_rejections_reach_the_peer_and_leak_no_threads(make_rig: Callabl
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert threading.active_count() <= before
+
+
+# --------------------------------------------------------------------------- spool crash recovery
+
+
+def _restart(tmp_path: Path, spool: Spool) -> Spool:
+    """The spool as a new process would open it after a crash: new connection, then reconcile()."""
+    spool.close()
+    return Spool(tmp_path / "spool", tmp_path / "q", connect(tmp_path / "state.db"), 0)
+
+
+def _final_path(spool: Spool, blob: bytes) -> tuple[Path, str]:
+    ds = pydicom.dcmread(io.BytesIO(blob), stop_before_pixels=True)
+    return spool.root / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm", ds.SOPInstanceUID
+
+
+def test_reconcile_moves_a_filled_pool_file_into_place_and_journals_it(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", tmp_path / "q", connect(tmp_path / "state.db"), 0)
+    a, b = _ct_bytes(tmp_path, 2)
+    spool.store_bytes(a)
+    # a crash after fdatasync (the peer may have had its Success) but before the rename
+    pooled = spool._take_pool_file()
+    _write_marked(pooled, memoryview(b))
+    final, uid = _final_path(spool, b)
+
+    spool2 = _restart(tmp_path, spool)
+    assert spool2.get(uid) is None
+    assert spool2.reconcile() == 1
+    inst = spool2.get(uid)
+    assert inst is not None and inst.path == final and final.is_file() and not pooled.exists()
+    assert data_set_bytes(final) == data_set_bytes(tmp_path / "b2" / "ct1.dcm")
+    assert inst.size == final.stat().st_size == len(b)
+    assert spool2.reconcile() == 0 and spool2.count() == 2
+    spool2.close()
+
+
+def test_reconcile_drops_torn_pool_files_and_keeps_empty_ones(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", tmp_path / "q", connect(tmp_path / "state.db"), 0, pool_size=4)
+    a, b = _ct_bytes(tmp_path, 2)
+    # crashes during the write, before fdatasync returned (never acknowledged): a marked file cut
+    # short, a marked file with a zeroed page (writeback out of order), and bytes with no mark
+    short, holed, unmarked = (spool._take_pool_file() for _ in range(3))
+    _write_marked(short, memoryview(a))
+    os.truncate(short, len(a) // 2)
+    _write_marked(holed, memoryview(b))
+    with open(holed, "r+b") as f:
+        f.seek(len(b) - 8192)
+        f.write(bytes(4096))
+    unmarked.write_bytes(a)
+    empty = [p for p in spool.pool_dir.iterdir() if p.stat().st_size == 0]
+    assert empty
+
+    spool2 = _restart(tmp_path, spool)
+    assert spool2.reconcile() == 0
+    assert spool2.count() == 0 and not any(spool2.root.glob("1*"))  # nothing placed, no study dir
+    assert not short.exists() and not holed.exists() and not unmarked.exists()
+    assert all(p.exists() and p.stat().st_size == 0 for p in empty)  # left for reuse
+    # the pool still serves stores afterwards
+    inst, created = spool2.store_bytes(a)
+    assert created and data_set_bytes(inst.path) == data_set_bytes(tmp_path / "b2" / "ct0.dcm")
+    spool2.close()
+
+
+def test_reconcile_journals_a_spooled_file_whose_row_was_lost(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", tmp_path / "q", connect(tmp_path / "state.db"), 0)
+    a, b = _ct_bytes(tmp_path, 2)
+    kept, _ = spool.store_bytes(a)
+    lost, _ = spool.store_bytes(b, calling_ae="PACS")
+    # synchronous=NORMAL: the last commits may be gone after a power loss, the renamed file is not
+    spool._conn.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (lost.sop_instance_uid,))
+
+    spool2 = _restart(tmp_path, spool)
+    assert spool2.reconcile() == 1
+    again = spool2.get(lost.sop_instance_uid)
+    assert again is not None and again.path == lost.path and again.size == lost.size
+    assert again.series_uid == lost.series_uid and again.instance_number == lost.instance_number
+    assert spool2.get(kept.sop_instance_uid) == kept
+    spool2.close()
+
+
+def test_spool_journal_is_normal_sync_and_store_writes_one_marked_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", tmp_path / "q", connect(tmp_path / "state.db"), 0)
+    assert spool._conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    [blob] = _ct_bytes(tmp_path, 1)
+    inst, created = spool.store_bytes(blob)
+    stored = inst.path.read_bytes()
+    assert created and stored[:16] == b"edge-agent:spool" and stored[128:] == blob[128:]
+    assert pydicom.dcmread(inst.path).SOPInstanceUID == inst.sop_instance_uid  # readers skip the mark
+    # a duplicate is answered from the journal; its pool copy is dropped
+    assert spool.store_bytes(blob) == (inst, False)
+    assert pool_leftovers(spool) == [] and spool.count() == 1 and inst.path.read_bytes() == stored
+    spool.close()
+
+
+def test_refused_sop_class_is_unmarked_so_a_crash_cannot_resurrect_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.ingest import spool as spool_mod
+
+    spool = Spool(tmp_path / "spool", tmp_path / "q", connect(tmp_path / "state.db"), 0)
+    [blob] = _ct_bytes(tmp_path, 1)
+    # the crash comes before the refused pool file's removal reaches the disk
+    monkeypatch.setattr(spool_mod, "_unlink_quietly", lambda p: None)
+    with pytest.raises(UnsupportedDicomError):
+        spool.store_bytes(blob, sop_classes={MR_IMAGE})
+    [left] = pool_leftovers(spool)
+    assert left.read_bytes()[:16] == bytes(16) and left.read_bytes()[128:] == blob[128:]
+    monkeypatch.undo()
+
+    spool2 = _restart(tmp_path, spool)
+    assert spool2.reconcile() == 0 and spool2.count() == 0 and not left.exists()
+    spool2.close()
+
+
+def test_pool_refills_in_the_background_and_directories_get_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.ingest import spool as spool_mod
+
+    synced: list[Path] = []
+    real = spool_mod._fsync_dir
+
+    def recording_fsync_dir(d: Path) -> None:
+        synced.append(Path(d))
+        real(d)
+
+    monkeypatch.setattr(spool_mod, "_fsync_dir", recording_fsync_dir)
+    spool = Spool(tmp_path / "spool", tmp_path / "q", connect(tmp_path / "state.db"), 0,
+                  pool_size=4, sync_interval_s=0.05)
+
+    def free() -> int:
+        return sum(1 for p in spool.pool_dir.iterdir() if p.stat().st_size == 0)
+
+    assert free() == 4
+    insts = [spool.store_bytes(b)[0] for b in _ct_bytes(tmp_path, 7)]
+    series_dir = insts[0].path.parent
+    # the first store had to create the series directory (and fsync its parent) itself; the
+    # renames into it are made durable by the background thread, as is the refill
+    wait_for(lambda: free() >= 2 and series_dir in synced and spool._dirty == set())
+    assert spool.pool_dir in synced
+    assert pool_leftovers(spool) == [] and spool.count() == 7
+    spool.close()
+    assert spool._worker is None
+    # after close() a store syncs its own directory
+    synced.clear()
+    spool.store_bytes(_ct_bytes(tmp_path, 1)[0])
+    assert spool.pool_dir in synced
+
+
+def test_failed_pool_write_leaves_nothing_and_pool_survives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "spool", tmp_path / "q", connect(tmp_path / "state.db"), 0, pool_size=2)
+    a, b = _ct_bytes(tmp_path, 2)
+
+    def eio(_: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", eio)
+    with pytest.raises(StorageError) as info:
+        spool.store_bytes(a)
+    assert not isinstance(info.value, OutOfSpaceError)
+    assert pool_leftovers(spool) == [] and spool.count() == 0
+    monkeypatch.undo()
+    # the failed file was dropped, not reused; the next stores still work (created inline if need be)
+    assert [spool.store_bytes(x)[1] for x in (a, b)] == [True, True]
+    spool.close()
+
+
+_CRASH_CHILD = """
+import os, signal, sys
+from pathlib import Path
+from agent.db import connect
+from agent.ingest import spool as spool_mod
+root = Path(sys.argv[1])
+spool = spool_mod.Spool(root / "spool", root / "q", connect(root / "state.db"), 0)
+blobs = [Path(p).read_bytes() for p in sys.argv[2:]]
+spool.store_bytes(blobs[0])
+def die(*_a):
+    # the process dies between fdatasync and rename: the spool never got to answer
+    os.kill(os.getpid(), signal.SIGKILL)
+spool_mod.os.replace = die
+spool.store_bytes(blobs[1])
+"""
+
+
+def test_killed_between_fdatasync_and_rename_recovers_on_restart(tmp_path: Path) -> None:
+    files = ct_series(tmp_path / "in", n=2)
+    proc = subprocess.run([sys.executable, "-c", _CRASH_CHILD, str(tmp_path), *map(str, files)],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    spool = Spool(tmp_path / "spool", tmp_path / "q", connect(tmp_path / "state.db"), 0)
+    assert spool.count() == 1 and len(pool_leftovers(spool)) == 1
+    assert spool.reconcile() == 1
+    assert pool_leftovers(spool) == []
+    for f in files:
+        inst = spool.get(str(file_meta(f).MediaStorageSOPInstanceUID))
+        assert inst is not None and data_set_bytes(inst.path) == data_set_bytes(f)
+    spool.close()
+

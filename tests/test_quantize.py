@@ -278,6 +278,7 @@ def test_quant_config_defaults_and_unknown_keys(tmp_path: Path) -> None:
     (tmp_path / "model.toml").write_text('name = "x"\n[quantization]\nmethod = "entropy"\nvariants = ["ov-int8"]\n')
     cfg = load_quant_config(tmp_path)
     assert cfg.method == "entropy" and cfg.variants == ("ov-int8",) and cfg.percentile == 99.99
+    assert QuantConfig().method == ""  # resolved per task by calibrate (resolve_method)
     assert cfg.calibration_seed != cfg.validation_seed
     (tmp_path / "model.toml").write_text('[quantization]\nmetod = "entropy"\n')
     with pytest.raises(ModelSpecError, match="metod"):
@@ -339,3 +340,14 @@ def test_real_model_explicit_qdq_smoke(model: str, tmp_path: Path) -> None:
     shape = [d.dim_value or 1 for d in pre.graph.input[0].type.tensor_type.shape.dim]
     y = run(tmp_path / "fp8.onnx", np.zeros(shape, np.float32))
     assert np.isfinite(y).all()
+
+
+def test_default_method_depends_on_the_task() -> None:
+    from agent.modelspec import load_spec
+    from deploy.calibrate import resolve_method
+
+    seg = load_spec(REPO / "models" / "ct-abdomen-seg")
+    cls = load_spec(REPO / "models" / "mr-brain-cls")
+    assert resolve_method(QuantConfig(), seg).method == "minmax"
+    assert resolve_method(QuantConfig(), cls).method == "percentile"
+    assert resolve_method(QuantConfig(method="entropy"), seg).method == "entropy"  # explicit wins

@@ -32,6 +32,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 from socket import socket as Socket
 from typing import Any
 
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config, evt
 from pynetdicom.events import Event as PynetdicomEvent
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -51,7 +52,7 @@ from agent.errors import (
     StorageError,
     UnsupportedDicomError,
 )
-from agent.ingest.sopclasses import TRANSFER_SYNTAXES, VERIFICATION, unique
+from agent.ingest.sopclasses import TRANSFER_SYNTAXES, VERIFICATION, is_valid_uid, unique
 from agent.ingest.spool import QuarantinedError, Spool
 from agent.log import log_event
 from agent.types import Event, Instance
@@ -66,6 +67,7 @@ __all__ = [
     "handle_requested",
     "handle_store",
     "parse_allowed_callers",
+    "part10_bytes",
     "server_ssl_context",
 ]
 
@@ -203,7 +205,8 @@ def handle_echo(event: PynetdicomEvent) -> int:
 def handle_store(event: PynetdicomEvent, spool: Spool, state: ListenerState) -> int:
     """EVT_C_STORE: write the data set as received to the spool; return the C-STORE status.
 
-    Success only after the spool has fsynced the file and committed its journal row.
+    Success only after the spool has made the bytes durable (``fdatasync`` of a pool file whose
+    name is already durable) and journaled them; see ``agent.ingest.spool``.
     """
     calling_ae = _calling_ae(event)
     counts = state.count(event.assoc)
@@ -215,7 +218,7 @@ def handle_store(event: PynetdicomEvent, spool: Spool, state: ListenerState) -> 
         else:
             # the data set bytes exactly as the peer encoded them, behind a file meta header
             instance, created = spool.store_bytes(
-                event.encoded_dataset(include_meta=True), calling_ae=calling_ae, sop_classes=state.sop_classes
+                part10_bytes(event), calling_ae=calling_ae, sop_classes=state.sop_classes
             )
     except OutOfSpaceError as exc:
         return _refuse(state, counts, "dicom.rejected", "error", exc.status, str(exc), command_uid, calling_ae)
@@ -235,16 +238,20 @@ def handle_store(event: PynetdicomEvent, spool: Spool, state: ListenerState) -> 
         return _refuse(state, counts, "dicom.rejected", "error", STATUS_PROCESSING_FAILURE,
                        f"internal error ({type(exc).__name__})", command_uid, calling_ae, log=False)
 
+    # one check instead of building the fields of a record that is dropped (DEBUG is off in service)
+    debug = logger.isEnabledFor(logging.DEBUG)
     if created:
         counts.stored += 1
-        log_event(logger, "instance.stored", logging.DEBUG, sop_instance_uid=instance.sop_instance_uid,
-                  series_uid=instance.series_uid, transfer_syntax=instance.transfer_syntax,
-                  size=instance.size, calling_ae=calling_ae)
+        if debug:
+            log_event(logger, "instance.stored", logging.DEBUG, sop_instance_uid=instance.sop_instance_uid,
+                      series_uid=instance.series_uid, transfer_syntax=instance.transfer_syntax,
+                      size=instance.size, calling_ae=calling_ae)
         state.instance(instance)
     else:
         counts.duplicates += 1
-        log_event(logger, "instance.duplicate", logging.DEBUG, sop_instance_uid=instance.sop_instance_uid,
-                  calling_ae=calling_ae)
+        if debug:
+            log_event(logger, "instance.duplicate", logging.DEBUG, sop_instance_uid=instance.sop_instance_uid,
+                      calling_ae=calling_ae)
     return STATUS_SUCCESS
 
 
@@ -382,6 +389,53 @@ class DicomListener:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+_PREAMBLE_AND_PREFIX = bytes(128) + b"DICM"
+
+
+def part10_bytes(event: PynetdicomEvent) -> bytes:
+    """What ``event.encoded_dataset(include_meta=True)`` returns, in a fraction of the time.
+
+    pynetdicom builds a pydicom FileMetaDataset and runs pydicom's writer on it: about 0.6 ms per
+    instance on the bench machine, on the path every C-STORE waits for. The file meta here is the
+    same seven elements, encoded directly (a test holds the two byte for byte); values that are
+    not plain UIDs take pynetdicom's path so pydicom's handling of odd input is unchanged.
+    """
+    req = event.request
+    meta = _file_meta_bytes(str(req.AffectedSOPClassUID or ""), str(req.AffectedSOPInstanceUID or ""),
+                            str(event.context.transfer_syntax or ""))
+    if meta is None:
+        return bytes(event.encoded_dataset(include_meta=True))
+    return b"".join((_PREAMBLE_AND_PREFIX, meta, req.DataSet.getvalue()))
+
+
+def _file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes | None:
+    """Group 0002 (explicit VR little endian) as pydicom writes ``pynetdicom.dsutils.create_file_meta``.
+
+    None when a value is not a valid UID: the caller falls back to pydicom then.
+    """
+    if not all(is_valid_uid(v) and v for v in (sop_class, sop_instance, transfer_syntax)):
+        return None
+    body = b"".join((
+        b"\x02\x00\x01\x00OB\x00\x00" + struct.pack("<I", 2) + b"\x00\x01",  # (0002,0001) version
+        _short_element(0x0002, b"UI", _padded(sop_class, b"\x00")),
+        _short_element(0x0003, b"UI", _padded(sop_instance, b"\x00")),
+        _short_element(0x0010, b"UI", _padded(transfer_syntax, b"\x00")),
+        _short_element(0x0012, b"UI", _padded(str(PYNETDICOM_IMPLEMENTATION_UID), b"\x00")),
+        _short_element(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+    ))
+    return _short_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+def _short_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """A group 0002 element with a 2-byte length (every VR of the file meta except OB)."""
+    return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
 
 
 def parse_allowed_callers(

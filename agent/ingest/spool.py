@@ -8,17 +8,20 @@ journaled now, or re-journaled by ``reconcile()`` at the next start-up).
 Fast path (``store_bytes``)
 ---------------------------
 1. check the free-space floor (counting the incoming size) -> ``OutOfSpaceError``, nothing written;
-2. parse the header from the bytes in memory (pydicom, stopping before the pixel data) for UIDs
-   and routing fields; a data set that does not parse or lacks a required UID -> quarantine +
-   ``MalformedDicomError``; an unaccepted SOP class -> ``UnsupportedDicomError``; a SOP Instance
-   UID already journaled -> duplicate, nothing written (the first copy is kept, ``created=False``);
-3. take a file from the *pool* ``<root>/.pool``: empty files created ahead of time in batches
+2. take a file from the *pool* ``<root>/.pool``: empty files created ahead of time in batches
    whose directory entries were made durable with one directory fsync per batch;
-4. write the instance into it with a *commit mark* in the 128-byte preamble (magic, total length,
+3. write the instance into it with a *commit mark* in the 128-byte preamble (magic, total length,
    CRC-32 of everything after the preamble) and ``fdatasync`` it. ``fdatasync`` persists the
    data and the file size; the file's name was already durable, so nothing else is needed: the
-   instance is now durable, with one device flush instead of three (file, directory, journal);
-5. ``rename`` it to ``<root>/<study_uid>/<series_uid>/<sop_instance_uid>.dcm`` without a
+   instance is now durable, with one device flush instead of three (file, directory, journal).
+   While this thread waits for the device, a helper thread parses the header from the bytes in
+   memory (pydicom, stopping before the pixel data) and asks the journal about duplicates, so the
+   parse costs no time of its own;
+4. a data set that does not parse or lacks a required UID -> quarantine + ``MalformedDicomError``;
+   an unaccepted SOP class -> ``UnsupportedDicomError`` (the pool file's mark is zeroed and
+   flushed, so a crash cannot resurrect it); a SOP Instance UID already journaled -> duplicate,
+   the first copy is kept (``created=False``); in all three cases the pool file is removed;
+5. ``rename`` the pool file to ``<root>/<study_uid>/<series_uid>/<sop_instance_uid>.dcm`` without a
    directory fsync, and insert the ``instances`` row on a connection with ``synchronous=NORMAL``
    (a WAL commit without a flush).
 
@@ -41,7 +44,14 @@ filesystem makes anyway (every ``fdatasync`` of a growing file commits ext4's jo
 latest when a background thread fsyncs the series directories touched and the pool directory:
 every ``sync_interval_s`` seconds, sooner after many renames, and in ``close()``. That thread
 also refills the pool; the store path creates pool files itself only when the pool is empty. It is
-started on demand and exits when idle, so a Spool nobody closes leaves no thread behind.
+started on demand and exits when idle; the parse helpers (a small thread pool, also created on
+first use) stay until ``close()``.
+
+Measured alternatives (ext4 on a virtio disk with a volatile write cache): a fresh temp file with
+fsync + rename + directory fsync costs three device flushes; pre-allocating (``fallocate``) or
+pre-zeroing pool files to the instance size, which spares ``fdatasync`` the metadata commit, did
+not make it faster: the device flush itself dominates, so one flush per instance is the floor for
+a synchronous peer (storescu waits for each response), and this path pays exactly that.
 
 Slow paths, unchanged in substance: ``store_file`` (pynetdicom's chunked receive) links or copies
 the file into ``<root>/.tmp``, fsyncs it, renames it into place and fsyncs the directory;
@@ -72,6 +82,7 @@ import uuid
 import zlib
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -237,6 +248,7 @@ class Spool:
         self._dirty_count = 0
         self._sync_every = max(1, sync_every)
         self._worker: threading.Thread | None = None
+        self._helpers: ThreadPoolExecutor | None = None
         self._closing = False
 
         for d in (self.root, self.tmp_dir, self.pool_dir, self.quarantine_dir):
@@ -248,7 +260,7 @@ class Spool:
             self._conn.execute("PRAGMA synchronous=NORMAL")
         self._remove_stale_temps()
         self._load_pool()
-        self._refill_pool()
+        self._try_refill_pool()
 
     # ------------------------------------------------------------------ storing
 
@@ -270,27 +282,73 @@ class Spool:
         """
         view = memoryview(data).cast("B")
         self._check_space(view.nbytes)
-        try:
-            # BytesIO shares a bytes object's buffer (no copy); the parse stops before the pixels
-            header = _parse_header(io.BytesIO(data if isinstance(data, bytes) else view.tobytes()))
-        except MalformedDicomError as exc:
-            raise self._quarantine_bytes(view, str(exc), calling_ae=calling_ae) from exc
-        self._check_sop_class(header, sop_classes)
-        # a duplicate costs no I/O at all: the journaled first copy is already durable
-        existing = self.get(header.sop_instance_uid)
-        if existing is not None:
-            return existing, False
-
+        # BytesIO shares a bytes object's buffer (no copy); the parse stops before the pixels
+        payload = data if isinstance(data, bytes) else view.tobytes()
         pooled = self._take_pool_file()
+        inspection: Future[tuple[_Header, Instance | None]] | None = None
         try:
-            _write_marked(pooled, view)
+            fd = os.open(pooled, os.O_WRONLY)
+            try:
+                _write_all(fd, _marked(view))
+                # the header is parsed (and the journal asked about duplicates) on a helper thread
+                # while this one waits for the device: the flush costs the same either way, the
+                # parse no longer adds to it. Not the other way round: a thread calling fdatasync
+                # would first have to win the GIL from the parsing one.
+                inspection = self._inspect_async(payload, sop_classes)
+                _fdatasync(fd)
+            finally:
+                os.close(fd)
         except OSError as exc:
             self._discard_pool_file(pooled)
+            _settle(inspection)
             raise _storage_error(exc, "writing a received instance") from exc
         except BaseException:
             self._discard_pool_file(pooled)  # nothing half-written stays behind, whatever interrupted us
+            _settle(inspection)
             raise
+        assert inspection is not None  # set before the flush, which is the last thing that can fail
+        try:
+            header, existing = inspection.result()
+        except MalformedDicomError as exc:
+            # reconcile() would drop it too (same parser); no need to flush its removal
+            self._discard_pool_file(pooled)
+            raise self._quarantine_bytes(view, str(exc), calling_ae=calling_ae) from exc
+        except BaseException:
+            # UnsupportedDicomError: a durable, verifiable file reconcile() would journal; unmark it
+            self._discard_pool_file(pooled, unmark=True)
+            raise
+        if existing is not None:
+            # the journaled first copy is kept; after a crash reconcile() drops this one as well
+            self._discard_pool_file(pooled)
+            return existing, False
         return self._place_pooled(pooled, header, view.nbytes, calling_ae=calling_ae)
+
+    def _inspect(self, payload: bytes, sop_classes: Collection[str] | None) -> tuple[_Header, Instance | None]:
+        """Header of a received instance, checked against ``sop_classes``, and any journaled copy."""
+        header = _parse_header(io.BytesIO(payload))
+        self._check_sop_class(header, sop_classes)
+        return header, self.get(header.sop_instance_uid)
+
+    def _inspect_async(
+        self, payload: bytes, sop_classes: Collection[str] | None
+    ) -> Future[tuple[_Header, Instance | None]]:
+        """``_inspect`` on the helper pool (created on first use), or inline after ``close()``."""
+        with self._bg_lock:
+            if self._helpers is None and not self._closing:
+                self._helpers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-inspect")
+            helpers = self._helpers
+        if helpers is not None:
+            try:
+                return helpers.submit(self._inspect, payload, sop_classes)
+            except RuntimeError:
+                # close() shut the pool down since we looked: inspect inline, below
+                log_event(logger, "spool.inspect_inline", logging.DEBUG, reason="closed")
+        done: Future[tuple[_Header, Instance | None]] = Future()
+        try:
+            done.set_result(self._inspect(payload, sop_classes))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller through the future, as the pool does
+            done.set_exception(exc)
+        return done
 
     def store_file(
         self,
@@ -461,6 +519,9 @@ class Spool:
                     free.append(p)
             except FileNotFoundError:
                 continue  # removed while we looked: not ours to adopt
+        if free:
+            # after a process crash (not a power loss) their names may be visible yet not durable
+            _fsync_dir(self.pool_dir)
         with self._pool_lock:
             self._pool.extend(free)
 
@@ -491,6 +552,14 @@ class Spool:
             self._pool.extend(made)
         return True
 
+    def _try_refill_pool(self) -> None:
+        """``_refill_pool`` where failing must not stop the caller (construction, reconcile)."""
+        try:
+            self._refill_pool()
+        except OSError as exc:
+            # no inodes or space left: stores create pool files themselves and report the error
+            log_event(logger, "spool.pool_refill_failed", logging.WARNING, error=exc.strerror or type(exc).__name__)
+
     def _take_pool_file(self) -> Path:
         """A durable empty file for one store; creates a small batch only if the pool is empty."""
         with self._pool_lock:
@@ -511,8 +580,24 @@ class Spool:
             self._kick_worker()
         return path
 
-    def _discard_pool_file(self, path: Path) -> None:
-        """Drop a pool file a store could not use (its content, if any, was never acknowledged)."""
+    def _discard_pool_file(self, path: Path, *, unmark: bool = False) -> None:
+        """Drop a pool file a store could not use (its content, if any, was never acknowledged).
+
+        The unlink is not flushed: after a crash the file may be back, and reconcile() judges it
+        by its mark. With ``unmark`` the mark is zeroed and flushed first, for content that
+        verifies but must not be recovered (an instance refused with an error status).
+        """
+        if unmark:
+            try:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, bytes(_MARK.size), 0)
+                    _fdatasync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                log_event(logger, "spool.unmark_failed", logging.WARNING, file=path.name,
+                          error=exc.strerror or type(exc).__name__)
         _unlink_quietly(path)
         with self._pool_lock:
             self._in_use.discard(path)
@@ -584,7 +669,6 @@ class Spool:
             dirs, self._dirty, self._dirty_count = self._dirty, set(), 0
         if not dirs:
             return False
-        pending = set(dirs)
         try:
             # new names first, then the pool directory they left: at every point the file has a
             # durable name, even on a filesystem that does not order the two
@@ -594,12 +678,11 @@ class Spool:
                 except FileNotFoundError:
                     # retention removed the series meanwhile: no entry left to make durable
                     log_event(logger, "spool.sync_skipped", logging.DEBUG, reason="directory removed")
-                pending.discard(d)
             _fsync_dir(self.pool_dir)
         except BaseException:
             with self._bg_lock:
-                self._dirty |= pending  # retried at the next tick
-                self._dirty_count += len(pending)
+                self._dirty |= dirs  # all of them again at the next tick (an extra fsync is harmless)
+                self._dirty_count += len(dirs)
             raise
         return True
 
@@ -610,10 +693,12 @@ class Spool:
         """
         with self._bg_lock:
             self._closing = True
-            worker = self._worker
+            worker, helpers, self._helpers = self._worker, self._helpers, None
         self._wake.set()
         if worker is not None:
             worker.join()
+        if helpers is not None:
+            helpers.shutdown(wait=True)
         try:
             self._sync_dirty()
         except OSError as exc:
@@ -774,20 +859,20 @@ class Spool:
             if str(path) in known:
                 continue
             try:
-                raw = path.read_bytes()
+                if _verify_mark_file(path) is False:
+                    # only verified pool files are ever placed: this one changed on disk since
+                    log_event(logger, "reconcile.skipped", logging.WARNING, file=path.name,
+                              reason="commit mark does not match")
+                    continue
+                header = _read_header(path)
+                st = path.stat()
             except OSError as exc:
                 log_event(logger, "reconcile.skipped", logging.WARNING, file=path.name, reason=exc.strerror)
                 continue
-            if _verify_mark(raw) is False:
-                # only verified files are ever placed; this one changed on disk since
-                log_event(logger, "reconcile.skipped", logging.WARNING, file=path.name, reason="commit mark mismatch")
-                continue
-            try:
-                header = _parse_header(io.BytesIO(raw))
             except MalformedDicomError as exc:
                 log_event(logger, "reconcile.skipped", logging.WARNING, file=path.name, reason=str(exc))
                 continue
-            instance = self._new_instance(header, path, len(raw), "", path.stat().st_mtime)
+            instance = self._new_instance(header, path, st.st_size, "", st.st_mtime)
             with self._lock:
                 if self._get_locked(instance.sop_instance_uid) is None:
                     self._insert_locked(instance)
@@ -796,7 +881,7 @@ class Spool:
             for d in sorted(touched):
                 _fsync_dir(d)
             _fsync_dir(self.pool_dir)
-        self._refill_pool()
+        self._try_refill_pool()
         if moved or dropped:
             log_event(logger, "spool.pool_recovered", logging.WARNING, moved=moved, dropped=dropped)
         if added:
@@ -811,22 +896,20 @@ class Spool:
         for p in sorted(self.pool_dir.iterdir()):
             if p in skip or not p.is_file():
                 continue
+            header: _Header | None = None
             try:
-                raw = p.read_bytes()
+                if p.stat().st_size == 0:
+                    with self._pool_lock:
+                        self._pool.append(p)  # (c) empty: reuse it
+                    continue
+                if _verify_mark_file(p):
+                    header = _read_header(p)
             except OSError as exc:
                 log_event(logger, "reconcile.skipped", logging.WARNING, file=p.name, reason=exc.strerror)
                 continue
-            if not raw:
-                with self._pool_lock:
-                    self._pool.append(p)  # (c) empty: reuse it
-                continue
-            header: _Header | None = None
-            if _verify_mark(raw):
-                try:
-                    header = _parse_header(io.BytesIO(raw))
-                except MalformedDicomError as exc:
-                    # written before a store gave up on it (never acknowledged)
-                    log_event(logger, "reconcile.pool_dropped", logging.WARNING, file=p.name, reason=str(exc))
+            except MalformedDicomError as exc:
+                # a malformed instance: answered 0xC210 and quarantined (or never answered)
+                log_event(logger, "reconcile.pool_dropped", logging.WARNING, file=p.name, reason=str(exc))
             if header is None:
                 # torn or unfinished write: never acknowledged, the peer sends it again
                 _unlink_quietly(p)
@@ -835,7 +918,7 @@ class Spool:
             final = self._final_path(header)
             with self._lock:
                 if final.exists():
-                    # an identical complete copy is already in place (a duplicate's leftover)
+                    # a complete copy of the same instance is already in place (a duplicate's)
                     _unlink_quietly(p)
                     dropped += 1
                     continue
@@ -921,31 +1004,49 @@ class Spool:
 # ---------------------------------------------------------------------- commit mark
 
 
-def _write_marked(path: Path, data: memoryview) -> None:
-    """Write ``data`` into the (empty, durable) pool file ``path`` with the commit mark; fdatasync.
-
-    The preamble is replaced by the mark; everything after it is written as is. ``fdatasync``
-    persists the data and the file size: the name is already durable, so the instance is too.
-    """
+def _marked(data: memoryview) -> list[memoryview | bytes]:
+    """``data`` (a Part 10 encoding) with its preamble replaced by the commit mark, as parts."""
     body = data[_PREAMBLE:]
-    head = _MARK.pack(_MARK_MAGIC, data.nbytes, zlib.crc32(body)) + _MARK_PAD
+    return [_MARK.pack(_MARK_MAGIC, data.nbytes, zlib.crc32(body)) + _MARK_PAD, body]
+
+
+def _write_marked(path: Path, data: memoryview) -> None:
+    """Write ``data`` with the commit mark into the (empty, durable) pool file ``path``; fdatasync.
+
+    ``fdatasync`` persists the data and the file size: the name is already durable, so the
+    instance is too. (``store_bytes`` does the same inline, with the parse overlapping the flush.)
+    """
     fd = os.open(path, os.O_WRONLY)
     try:
-        _write_all(fd, [head, body])
+        _write_all(fd, _marked(data))
         _fdatasync(fd)
     finally:
         os.close(fd)
 
 
-def _verify_mark(raw: bytes) -> bool | None:
-    """True when ``raw`` carries a commit mark matching its length and content, False when the
-    mark is there but does not match (a torn write), None when there is no mark at all."""
-    if len(raw) < _MARK.size:
-        return None
-    magic, length, crc = _MARK.unpack_from(raw)
-    if magic != _MARK_MAGIC:
-        return None
-    return length == len(raw) and crc == zlib.crc32(memoryview(raw)[_PREAMBLE:])
+def _settle(future: Future[Any] | None) -> None:
+    """Wait for a helper job whose result is no longer wanted (it must not outlive the store)."""
+    if future is not None:
+        wait([future])
+
+
+def _verify_mark_file(path: Path) -> bool | None:
+    """True when the file carries a commit mark matching its length and content, False when the
+    mark is there but does not match (a torn or unfinished write), None when it has no mark."""
+    with open(path, "rb") as f:
+        head = f.read(_MARK.size)
+        if len(head) < _MARK.size:
+            return None
+        magic, length, crc = _MARK.unpack(head)
+        if magic != _MARK_MAGIC:
+            return None
+        if os.fstat(f.fileno()).st_size != length:
+            return False
+        f.seek(_PREAMBLE)
+        actual = 0
+        for chunk in iter(lambda: f.read(_COPY_CHUNK), b""):
+            actual = zlib.crc32(chunk, actual)
+    return actual == crc
 
 
 def _write_all(fd: int, parts: Sequence[memoryview | bytes]) -> None:
@@ -971,7 +1072,7 @@ def _fdatasync(fd: int) -> None:
 def _read_header(path: Path) -> _Header:
     """``_parse_header`` of a file; a file that cannot be opened is MalformedDicomError too."""
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below; open errors share the parse's handling
+        f = open(path, "rb")  # closed by the with below; an open error is reported like a parse error
     except OSError as exc:
         raise MalformedDicomError(f"unreadable file ({type(exc).__name__})") from exc
     with f:
@@ -1065,7 +1166,7 @@ def _raw_str(ds: Dataset, tag: int) -> str:
 def _file_meta_summary(path: Path) -> dict[str, str]:
     """UIDs from a quarantined file's meta (set by the receiver from the C-STORE command)."""
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below
+        f = open(path, "rb")  # closed by the with below
     except OSError as exc:
         return {"meta_error": type(exc).__name__}
     with f:

@@ -43,6 +43,10 @@ from deploy.evaluate import TRAINING_SEEDS  # noqa: E402
 #: BasicUNet feature widths: levels 0-4 and the last decoder level. Small on purpose: the model
 #: must train on 2 CPU cores and stay a few MB (FP32 ONNX ~5 MB).
 FEATURES = (8, 16, 32, 64, 128, 8)
+#: training patch (z, y, x): the inference patch's full in-plane field (both kidneys, the spine, liver
+#: and spleen) but fewer slices, which makes a step ~35 % cheaper than the 64 x 96 x 96 inference
+#: patch; the network is fully convolutional, so it runs on the bigger patch unchanged.
+TRAIN_PATCH = (48, 96, 96)
 
 
 def build_model(n_classes: int) -> Any:
@@ -76,9 +80,11 @@ def case_knobs(seed: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    T.add_common_args(parser, epochs=30, budget_s=1080)
+    T.add_common_args(parser, epochs=36, budget_s=1500)
     T.add_precision_arg(parser)
-    parser.add_argument("--volumes", type=int, default=40, help="training phantoms (default 40)")
+    parser.add_argument("--volumes", type=int, default=48, help="training phantoms (default 48)")
+    parser.add_argument("--train-patch", type=int, nargs=3, default=TRAIN_PATCH, metavar=("Z", "Y", "X"),
+                        help=f"training patch (default {TRAIN_PATCH}; inference uses [input].patch_size)")
     parser.add_argument("--batch-size", type=int, default=2, help="patches per step (default 2)")
     parser.add_argument("--steps-per-epoch", type=int, default=None,
                         help="optimizer steps per epoch (default: volumes / batch size, i.e. one patch per volume)")
@@ -87,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = load_spec(MODEL_DIR)
     patch = tuple(int(p) for p in spec.input.patch_size or ())
-    train_patch = patch
+    train_patch = tuple(args.train_patch)
+    if any(p % 16 for p in train_patch):
+        parser.error("--train-patch sizes must be multiples of 16 (four 2x poolings)")
     if args.smoke:
         # one tiny step: proves the loop, the loss and the export, not the accuracy
         args.volumes, args.epochs, args.workers, args.batch_size = 1, 1, 1, 1
@@ -125,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     # bf16 autocast another ~1.5x (MODEL_CARD.md, "Training")
     model = model.to(memory_format=torch.channels_last_3d)
     amp_dtype = T.autocast_dtype(args.precision)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=True)
+    # Dice over the organs only (background Dice is ~1 and says nothing), cross-entropy over all
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     steps_per_epoch = args.steps_per_epoch or max(1, len(cases) // args.batch_size)
     total = args.epochs * steps_per_epoch
