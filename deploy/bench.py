@@ -24,6 +24,7 @@ machine other jobs skew latencies, and the report says so.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -103,6 +104,19 @@ def run_worker(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "backend_precision": info.precision,
         "backend_version": info.version,
     }
+    if cfg.get("volume"):
+        from agent.imaging import sliding_window_inference
+
+        volume = np.load(cfg["volume"])
+        runs = []
+        for _ in range(int(cfg.get("volume_runs", 3))):
+            t = time.perf_counter()
+            sliding_window_inference(volume, tuple(cfg["patch"]), float(cfg["overlap"]), backend.run, batch_size=1)
+            runs.append((time.perf_counter() - t) * 1000.0)
+        out["full_volume_ms"] = float(np.median(runs))
+        out["full_volume_runs_ms"] = [round(r, 1) for r in runs]
+    # peak RSS at batch 1 (what the agent's pipeline allocates) before the batch-N throughput run
+    out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     batch = int(cfg["batch"])
     if batch > 1:
         xb = np.ascontiguousarray(np.repeat(x1, batch, axis=0))
@@ -117,18 +131,7 @@ def run_worker(cfg: Mapping[str, Any]) -> dict[str, Any]:
     else:
         out["throughput_per_s"] = 1000.0 / out["latency_ms_median"]
         out["throughput_batch"] = 1
-    if cfg.get("volume"):
-        from agent.imaging import sliding_window_inference
-
-        volume = np.load(cfg["volume"])
-        runs = []
-        for _ in range(int(cfg.get("volume_runs", 3))):
-            t = time.perf_counter()
-            sliding_window_inference(volume, tuple(cfg["patch"]), float(cfg["overlap"]), backend.run, batch_size=1)
-            runs.append((time.perf_counter() - t) * 1000.0)
-        out["full_volume_ms"] = float(np.median(runs))
-        out["full_volume_runs_ms"] = [round(r, 1) for r in runs]
-    out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    out["peak_rss_mb_batch"] = round(_peak_rss_mb(), 1)
     out["rss_before_load_mb"] = round(rss_start, 1)
     return out
 
@@ -198,7 +201,8 @@ def bench_volume(spec: ModelSpec, build: Path, seed: int) -> Path:
     return path
 
 
-def bench(model_dir: Path, build: Path, *, threads: int = 2, iterations: int = 30, warmup: int = 5, batch: int = 4,
+def bench(model_dir: Path, build: Path, *, threads: int = 2, iterations: int = 30, warmup: int = 5,
+          batch: int | None = None,
           volume_runs: int = 3, variant_ids: Sequence[str] | None = None, seed: int = 300001,
           rounds: int = 1) -> dict[str, Any]:
     """Benchmark every runnable variant of ``build`` (``rounds`` interleaved passes, best kept);
@@ -206,6 +210,9 @@ def bench(model_dir: Path, build: Path, *, threads: int = 2, iterations: int = 3
     from tqdm import tqdm
 
     spec = load_spec(model_dir)
+    # throughput batch: 4 slices, or 2 patches for 3D (a batch of 4 64x96x96 patches costs ONNX
+    # Runtime's 3D integer convolutions GBs of im2col buffers)
+    batch = batch or (2 if spec.input.dims == 3 else 4)
     vdoc = read_json(build / "variants.json")
     gdoc = read_json(build / "gate.json") if (build / "gate.json").exists() else {"variants": {}}
     known = catalogue_by_id()
@@ -273,6 +280,7 @@ def bench(model_dir: Path, build: Path, *, threads: int = 2, iterations: int = 3
                 doc["profiles"][vid] = profile_layers(known[vid], build / rec["file"], sample, threads)
             except (RuntimeError, ValueError, OSError) as exc:  # profiling is informative only
                 logger.warning("profiling %s failed: %s", vid, exc)
+            gc.collect()  # the profiling session's buffers (GBs for 3D ORT) before the next one
     write_json(build / "bench" / "report.json", doc)
     with atomic_path(build / "bench" / "report.md") as tmp:
         tmp.write_text(render_markdown(doc))
@@ -404,7 +412,7 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
     head = ["variant", "backend", "executes as", "size MB", "p50 ms", "p95 ms", "thr/s"]
     if is_3d:
         head += ["volume s", "x FP32 (vol)"]
-    head += ["x FP32 (b1)", "peak RSS MB", acc, "agree", "gate"]
+    head += ["x FP32 (b1)", "peak RSS MB (b1)", acc, "agree", "gate"]
     lines = [f"# {doc['model']} {doc['version']}: variants side by side", "",
              f"Measured {doc['created_at']} on {doc['device']}, {doc['threads']} threads, batch 1 latency over "
              f"{doc['iterations']} runs (best of {doc.get('rounds', 1)} interleaved round(s)), throughput at batch {doc['batch']}" +
@@ -513,7 +521,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--variants", default="", help="comma-separated variant ids (default: all built)")
     p.add_argument("--iterations", type=int, default=30, help="timed batch-1 runs per variant (default 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
-    p.add_argument("--batch", type=int, default=4, help="batch size for throughput (default 4)")
+    p.add_argument("--batch", type=int, default=None, help="batch size for throughput (default 4; 3D: 2)")
     p.add_argument("--volume-runs", type=int, default=3, help="3D: full-volume runs per variant (default 3)")
     p.add_argument("--rounds", type=int, default=1, help="interleaved passes over all variants; best kept (default 1)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default 2)")

@@ -91,11 +91,14 @@ def generate_heldout(task: str, out: Path, n: int, seed: int, **knobs: Any) -> l
 
 
 def _series_folders(data_dir: Path, task: str) -> list[Path]:
-    """Series folders of an existing set written by :func:`generate_heldout`, in order."""
-    prefix = "ct-" if task == "segmentation" else "mr-"
-    folders = sorted(p for p in Path(data_dir).iterdir() if p.is_dir() and p.name.startswith(prefix))
+    """Series folders of an existing set, in name order: every subfolder holding a ``truth.json``
+    (and, for segmentation, a ``labels.npy``), as :func:`generate_heldout` writes them."""
+    needed = ("truth.json", "labels.npy") if task == "segmentation" else ("truth.json",)
+    folders = sorted(
+        p for p in Path(data_dir).iterdir() if p.is_dir() and all((p / f).is_file() for f in needed)
+    )
     if not folders:
-        raise EdgeAgentError(f"{data_dir}: no {prefix}NNNN series folders")
+        raise EdgeAgentError(f"{data_dir}: no series folders with {' and '.join(needed)}")
     return folders
 
 

@@ -261,46 +261,35 @@ def labels_to_model_space(labels: np.ndarray, geometry: Geometry, n_labels: int)
 
     ``geometry`` is what ``agent.imaging.preprocess.prepare`` returned for the image of the same
     series, so the labels get exactly the image's reorientation (same permutation and flips) and
-    output shape. Per axis:
+    output shape. Each model voxel takes the label of the source voxel under its centre (nearest
+    neighbour with voxel edges aligned, as ``prepare`` aligns the image): the image value the
+    network sees at a voxel is interpolated at that same centre, so image and target agree.
 
-    * shrinking (model voxels larger than source voxels): each model voxel takes the label that
-      covers most of the source voxels which ``restore_label_map`` maps back onto it (the same
-      integer voxel-edge mapping), i.e. the model-space target whose restored map has the best
-      Dice achievable at the model resolution;
-    * growing (e.g. 5 mm slices to 3 mm): nearest neighbour at the model voxel centre.
+    Why not a majority vote over the source voxels each model voxel covers: with a zoom near 2
+    (a 256 matrix at ~1.6 mm to 3 mm) half the groups hold two source voxels, boundary groups tie,
+    and a tie going to background shrank every organ by 1-4 % after ``restore_label_map``, a bias
+    the network learned; centre sampling restores organ volumes within about +-2 %, with the same
+    Dice (measured on held-out phantoms, MODEL_CARD.md).
 
-    Returns uint8 (Z, Y, X) of ``geometry.resampled_shape`` with values < ``n_labels``.
+    Returns uint8 (Z, Y, X) of ``geometry.resampled_shape``; raises ValueError for a shape
+    mismatch or a value >= ``n_labels``.
     """
     if geometry.dims != 3:
         raise ValueError("labels_to_model_space is for 3D models")
     if tuple(labels.shape) != tuple(geometry.source_shape):
         raise ValueError(f"labels {labels.shape} do not match the source volume {geometry.source_shape}")
+    if labels.size and int(labels.max()) >= n_labels:
+        raise ValueError(f"label value {int(labels.max())} >= {n_labels} labels")
     canonical = np.transpose(labels, geometry.permutation)
     axes = tuple(k for k, f in enumerate(geometry.flips) if f)
     if axes:
         canonical = np.flip(canonical, axes)
-    counts = [np.asarray(canonical == v, dtype=np.uint8) for v in range(n_labels)]
-    shape = canonical.shape
-    # most-shrinking axis first: the arrays get small before the other axes are touched
-    order = sorted(range(3), key=lambda a: geometry.resampled_shape[a] / shape[a])
-    for axis in order:
-        n, o = shape[axis], geometry.resampled_shape[axis]
-        if o <= n:
-            # restore_label_map sends source voxel c to model voxel ((2c + 1) o) // (2n): contiguous
-            # runs, so a reduceat over the run starts sums each model voxel's source voxels.
-            owner = np.minimum(((2 * np.arange(n, dtype=np.int64) + 1) * o) // (2 * n), o - 1)
-            starts = np.searchsorted(owner, np.arange(o))
-            if np.any(np.diff(starts) == 0) or starts[-1] >= n:  # pragma: no cover - o <= n
-                raise ValueError("empty model voxel in a shrinking axis")
-            counts = [np.add.reduceat(c, starts, axis=axis, dtype=np.uint32) for c in counts]
-        else:
-            # model voxel i centre (i + 0.5) * n / o in source voxel units, voxel edges aligned
-            nearest = np.minimum(((2 * np.arange(o, dtype=np.int64) + 1) * n) // (2 * o), n - 1)
-            counts = [np.take(c, nearest, axis=axis) for c in counts]
-    out = np.argmax(np.stack(counts), axis=0).astype(np.uint8)
-    if tuple(out.shape) != tuple(geometry.resampled_shape):  # pragma: no cover - guarded above
-        raise ValueError(f"resampled labels {out.shape} != {geometry.resampled_shape}")
-    return out
+    # centre of model voxel i is at (i + 0.5) * n / o source voxels: index floor((2i + 1) n / 2o)
+    index = [
+        np.minimum(((2 * np.arange(o, dtype=np.int64) + 1) * n) // (2 * o), n - 1)
+        for n, o in zip(canonical.shape, geometry.resampled_shape, strict=True)
+    ]
+    return np.ascontiguousarray(canonical[np.ix_(*index)], dtype=np.uint8)
 
 
 def random_patch(

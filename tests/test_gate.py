@@ -94,9 +94,9 @@ class _Linear:
 
 def test_batch_invariance() -> None:
     x = np.random.default_rng(1).normal(size=(8, 1, 4, 4)).astype(np.float32)
-    good = batch_invariance(_Linear(0.0), x, "classification")
-    assert good["passed"] and good["max_abs_diff"] == 0.0
-    bad = batch_invariance(_Linear(5.0), x, "classification")
+    good, out1 = batch_invariance(_Linear(0.0), x, "classification")
+    assert good["passed"] and good["max_abs_diff"] == 0.0 and out1.shape == (8, 4)
+    bad, _ = batch_invariance(_Linear(5.0), x, "classification")
     assert not bad["passed"] and bad["max_abs_diff"] > 1.0
 
 

@@ -9,7 +9,8 @@ Pipeline:
    range ``deploy.evaluate.TRAINING_SEEDS``; held-out sets use 63-bit derived seeds, so they never
    overlap), each with a small random ``noise`` / ``hu_offset`` knob for robustness, made into
    model input by the AGENT's own ``build_volume`` + ``prepare`` (3 mm, window [-160, 240] HU), with
-   labels resampled onto the same grid (``deploy.training.labels_to_model_space``).
+   labels resampled onto the same grid (nearest neighbour at the model voxel centres,
+   ``deploy.training.labels_to_model_space``).
 2. Patches of ``[input].patch_size`` (two thirds centred near a random organ), batch of 2, small
    intensity jitter; no flips (left and right kidney are different labels).
 3. MONAI BasicUNet, BatchNorm + ReLU + non-learned trilinear upsampling (quantizes well, see
