@@ -101,7 +101,8 @@ def run_demo(state_dir: Path, timeout_s: float = 600.0, seed: int = 2026,
             raise RuntimeError("could not subscribe to the results topic")
         service.start()
         _say(f"agent listening for DICOM on 127.0.0.1:{service.dicom_port} (AE EDGE_AGENT)")
-        report = send_files([ct_dir, mr_dir], "127.0.0.1", service.dicom_port,
+        dicom_files = sorted(ct_dir.glob("*.dcm")) + sorted(mr_dir.glob("*.dcm"))  # not truth.json etc.
+        report = send_files(dicom_files, "127.0.0.1", service.dicom_port,
                             calling_aet="DEMO_SCU", called_aet="EDGE_AGENT")
         _say(f"sent {report.sent} instance(s) over C-STORE ({report.failed} failed); waiting for results")
         t0 = time.monotonic()
