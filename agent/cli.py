@@ -64,7 +64,10 @@ def cmd_send(args: argparse.Namespace) -> int:
     host, port = args.to
     report = send_files([Path(p) for p in args.paths], host, port,
                         calling_aet=args.aet, called_aet=args.aec, timeout=args.timeout)
-    print(f"sent {report.sent} instance(s), failed {report.failed}, in {report.elapsed_s:.2f}s")
+    for path, reason in report.errors.items():
+        print(f"  failed {path}: {reason}", file=sys.stderr)
+    skipped = f", skipped {len(report.skipped)} non-DICOM file(s)" if report.skipped else ""
+    print(f"sent {report.sent} instance(s), failed {report.failed}{skipped}, in {report.elapsed_s:.2f}s")
     return 0 if report.failed == 0 else 1
 
 
@@ -78,6 +81,68 @@ def cmd_results(args: argparse.Namespace) -> int:
                    protocol=args.protocol or cfg.mqtt.protocol,
                    count=None if args.follow and not args.count else (args.count or 1),
                    timeout=args.timeout, raw=args.raw)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Pull, self-test and activate the registry's latest versions now; 1 when one could not be."""
+    from agent.engines import EngineManager  # imported here: it loads inference backends
+    from agent.log import setup_logging
+    from agent.registry.store import ModelStore
+    from agent.registry.updater import updater_from_config
+
+    cfg = load_config(args.config)
+    setup_logging(cfg.logging.level, cfg.logging.format)
+    cfg.storage.dir.mkdir(parents=True, exist_ok=True)
+    engines = EngineManager(cfg, ModelStore(cfg.storage.dir), cfg.db_path, on_event=lambda ev: None)
+    try:
+        updater = updater_from_config(cfg, engines.activate, on_event=lambda ev: None, probe=engines.probe)
+        outcomes = updater.pull_now(args.model or None)
+    finally:
+        engines.close()  # stops the inference worker the self-tests ran in
+    for o in outcomes:
+        if o.ok:
+            detail = {"installed": f"{o.version} active, variant {o.variant} ({o.reason})" if o.reason
+                      else f"{o.version} active, variant {o.variant}",
+                      "up-to-date": f"{o.version} is the latest", "skipped": f"{o.target} skipped: {o.reason}"}
+            print(f"{o.model}: {detail[o.action]}")
+        else:
+            print(f"{o.model}: not updated ({o.stage}): {o.error}; current stays {o.version or 'none'}",
+                  file=sys.stderr)
+    return 0 if outcomes and all(o.ok for o in outcomes) else 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """``edge-agent models [--json]``: installed models, their variants as measured here, the active one."""
+    from agent.engines import EngineManager
+    from agent.registry.store import ModelStore
+
+    cfg = load_config(args.config)
+    engines = EngineManager(cfg, ModelStore(cfg.storage.dir), cfg.db_path, on_event=lambda _event: None)
+    try:
+        models = engines.describe()
+    finally:
+        engines.close()
+    if args.json:
+        print(json.dumps({"schema": "edge-agent/models/1", "models": models}, indent=2, sort_keys=True))
+        return 0
+    if not models:
+        print("no models: nothing installed from the registry and nothing in models.dir")
+    for m in models:
+        active = m.get("active") or {}
+        print(f"{m['name']} {m['version']} ({m['source']}): {active.get('variant') or 'not active'}"
+              f" [{active.get('backend') or '-'} {active.get('precision') or '-'}]")
+        print(f"  why: {active.get('reason', m.get('error', '-'))}")
+        if m.get("previous"):
+            print(f"  previous (rollback): {m['previous']}")
+        for v in m.get("variants", []):
+            if v.get("passed"):
+                state = f"passed, {v['latency_ms']:.3g} ms, max |err| {v['max_abs_err']:.3g}"
+            else:
+                state = ("FAILED: " if v.get("tried") else "not tried: ") + str(v.get("error", "not measured"))
+            if v.get("demoted"):
+                state += f"; DEMOTED: {v['demoted']}"
+            print(f"  {v['id']:<16} {v['backend']:<12} {v['precision']:<5} {state}")
     return 0
 
 
@@ -116,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--protocol", choices=["5", "3.1.1"])
     res.add_argument("--raw", action="store_true", help="print the JSON payloads as received")
     res.set_defaults(func=cmd_results)
+
+    pull = sub.add_parser("pull", help="pull, self-test and activate the latest models from the registry now")
+    pull.add_argument("--config", type=Path, help="TOML file with a [registry] section")
+    pull.add_argument("--model", action="append", default=[],
+                      help="model to update (repeatable; default: registry.models, or all in the index)")
+    pull.set_defaults(func=cmd_pull)
+
+    models = sub.add_parser("models", help="installed models, every variant's self-test and timing here, "
+                            "the active one and why")
+    models.add_argument("--config", type=Path)
+    models.add_argument("--json", action="store_true", help="print JSON (docs/engines.md)")
+    models.set_defaults(func=cmd_models)
 
     from agent.registry.probe import add_parser as add_probe_parser
 

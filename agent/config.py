@@ -156,6 +156,41 @@ class RegistryConfig(_Section):
         return bool(self.url and self.public_key)
 
 
+class EnginesConfig(_Section):
+    """How the agent chooses, guards and falls back between the variants of an installed model."""
+
+    bench_runs: int = Field(
+        10, ge=1, description="Timed runs of the self-test input per variant (the fastest counts)."
+    )
+    trial_rounds: int = Field(
+        3, ge=1,
+        description="Passes over all variants, round robin; each variant's fastest pass counts, so a burst of "
+        "load on a shared CPU slows every variant alike instead of one.",
+    )
+    trial_timeout_s: float = Field(300, gt=0, description="Limit for loading + self-testing + timing one variant.")
+    prefer_margin: float = Field(
+        0.05, ge=0, lt=1,
+        description="A variant later in the manifest's priority order is chosen only when it is faster by "
+        "more than this fraction (measurement noise must not flip the choice).",
+    )
+    max_consecutive_failures: int = Field(
+        3, ge=1, description="Demote the active variant to FP32 after this many consecutive failed jobs."
+    )
+    shadow_every: int = Field(20, ge=0, description="Also run FP32 on every Nth job to compare (0: never).")
+    shadow_window: int = Field(20, ge=1, description="Shadow comparisons kept for the agreement rate.")
+    shadow_min_samples: int = Field(5, ge=1, description="Comparisons needed before agreement can demote.")
+    shadow_min_agreement: float = Field(
+        0.95, ge=0, le=1, description="Demote the variant to FP32 when the agreement rate falls below this."
+    )
+    shadow_min_dice: float = Field(
+        0.9, ge=0, le=1, description="Segmentation: mean foreground Dice vs FP32 that counts as agreement."
+    )
+    rollback_after_failures: int = Field(
+        3, ge=1,
+        description="Roll a newly activated version back when its first this-many jobs all fail.",
+    )
+
+
 class Config(_Section):
     device_id: str = Field("edge-dev", description="Names this device in topics and results.")
     dicom: DicomConfig = Field(default_factory=DicomConfig)
@@ -166,6 +201,7 @@ class Config(_Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    engines: EnginesConfig = Field(default_factory=EnginesConfig)
 
     @field_validator("device_id")
     @classmethod

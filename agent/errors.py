@@ -18,7 +18,8 @@ status codes, MQTT ``events``) can map them without knowing which library raised
     │   ├── BackendUnavailableError  its optional package is not installed
     │   └── InferenceTimeoutError    a job ran past its time limit
     ├── PublishError           MQTT publishing problems
-    └── RegistryError          model registry: signature, digest, download, install
+    ├── RegistryError          model registry: signature, digest, download, install
+    └── ActivationError        no variant of a model version passed its self-test on this device
 """
 
 from __future__ import annotations
@@ -85,3 +86,8 @@ class PublishError(EdgeAgentError):
 
 class RegistryError(EdgeAgentError):
     """Model registry: bad signature, digest mismatch, failed download or install."""
+
+
+class ActivationError(EdgeAgentError):
+    """A model version cannot be activated here: its FP32 fallback (or every variant) failed the
+    self-test, or its files are missing. The running model is left as it was."""

@@ -7,8 +7,9 @@
                  MQTT publisher thread <------------------- outbox (SQLite) <-- Result / Event
 
 Each stage owns its state (spool + instances, series + jobs, outbox) in the one SQLite file;
-each thread has its own connection. Start order: database, outbox + publisher, inference
-worker, assembler, listener (last, so nothing is acknowledged before it can be processed);
+each thread has its own connection. Start order: database, outbox, inference worker + engine
+activation (agent/engines), publisher, assembler, listener (last, so nothing is acknowledged
+before it can be processed);
 stop in reverse. On start-up, unfinished work is resumed: running jobs return to pending,
 series the spool holds but the table lacks are re-opened, unsent messages stay in the outbox.
 """
@@ -30,16 +31,20 @@ from agent import __version__, db
 from agent.assembly import JobStore, SeriesAssembler
 from agent.assembly.jobs import FAILED, INFERRED
 from agent.config import Config
-from agent.errors import EdgeAgentError, ModelSpecError
-from agent.inference.runner import InferenceJob, InferenceRunner
+from agent.engines import EngineManager
+from agent.errors import EdgeAgentError, RegistryError
+from agent.inference.runner import InferenceRunner
 from agent.ingest import DEFAULT_STORAGE_SOP_CLASSES, DicomListener
 from agent.ingest.spool import Spool
 from agent.log import log_event
-from agent.modelspec import ModelSpec, load_spec
+from agent.modelspec import ModelSpec
 from agent.publish import payloads
+from agent.publish.commands import Command, CommandDispatcher
 from agent.publish.mqtt import MqttPublisher
 from agent.publish.outbox import Outbox
 from agent.publish.topics import Topics
+from agent.registry.store import ModelStore
+from agent.registry.updater import ModelUpdater, updater_from_config
 from agent.types import Event, Instance, ModelRef, Result, Series
 
 log = logging.getLogger(__name__)
@@ -49,27 +54,6 @@ _ENHANCED = {
     "1.2.840.10008.5.1.4.1.1.2": "1.2.840.10008.5.1.4.1.1.2.1",  # CT -> Enhanced CT
     "1.2.840.10008.5.1.4.1.1.4": "1.2.840.10008.5.1.4.1.1.4.1",  # MR -> Enhanced MR
 }
-
-
-def load_models(cfg: Config) -> dict[str, tuple[ModelSpec, Path]]:
-    """Model specs found under ``models.dir`` (filtered by ``models.enabled``), by name."""
-    models: dict[str, tuple[ModelSpec, Path]] = {}
-    root = cfg.models.dir
-    if not root.is_dir():
-        raise ModelSpecError(f"models.dir {root} is not a directory")
-    for toml in sorted(root.glob("*/model.toml")):
-        spec = load_spec(toml.parent)
-        if cfg.models.enabled and spec.name not in cfg.models.enabled:
-            continue
-        onnx = toml.parent / spec.onnx
-        if not onnx.is_file():
-            log_event(log, "model.skipped", logging.WARNING, model=spec.name, reason=f"{onnx} missing")
-            continue
-        models[spec.name] = (spec, toml.parent)
-    missing = set(cfg.models.enabled) - set(models)
-    if missing:
-        raise ModelSpecError(f"models.enabled names unknown model(s): {', '.join(sorted(missing))}")
-    return models
 
 
 def sop_classes_for(specs: list[ModelSpec]) -> list[str]:
@@ -94,12 +78,16 @@ class Service:
     def __init__(self, cfg: Config, *, fault_injection: bool = False) -> None:
         self.cfg = cfg
         self.fault_injection = fault_injection
-        self.models = load_models(cfg)
-        self.specs = [spec for spec, _ in self.models.values()]
         self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
         self.started_at = time.time()
         self._instances: queue.Queue[Instance] = queue.Queue()
         self._events: queue.Queue[Event] = queue.Queue()
+        # models: the current registry version of each installed model (its manifest's spec), else
+        # the FP32 ONNX in models.dir; agent/engines decides which variant runs (docs/engines.md)
+        self.store = ModelStore(cfg.storage.dir)
+        self.engines = EngineManager(cfg, self.store, cfg.db_path, self._events.put)
+        self.models: dict[str, ModelSpec] = self.engines.specs()
+        self.specs = list(self.models.values())
         self._stop = threading.Event()
         self._jobs_ready = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -131,14 +119,23 @@ class Service:
         log_event(log, "service.recovered", instances_reindexed=respooled, jobs_requeued=recovered, series_reopened=reconciled,
                   outbox_pending=self.outbox.count())
 
-        self.publisher = MqttPublisher(cfg.mqtt, cfg.device_id, self.outbox, birth=self._birth,
-                                       reconnect_delay_s=(1.0, max(1.0, cfg.mqtt.reconnect_max_s)))
-        self.publisher.start()
         self.runner = InferenceRunner(cfg.models.dir, threads=cfg.pipeline.threads,
                                       job_timeout_s=cfg.pipeline.job_timeout_s,
                                       memory_limit_mb=cfg.pipeline.worker_memory_mb,
                                       fault_injection=self.fault_injection)
         self.runner.start()
+        self.engines.attach_runner(self.runner)
+        # before the publisher, so the birth message names the variants that will run: stored
+        # choices are reused (milliseconds); a version new to this device is self-tested and timed
+        self.engines.start()
+        self.commands = self._command_dispatcher()  # MQTT cmd/# -> updater / engines
+        self.publisher = MqttPublisher(cfg.mqtt, cfg.device_id, self.outbox, birth=self._birth,
+                                       on_command=self.commands,
+                                       reconnect_delay_s=(1.0, max(1.0, cfg.mqtt.reconnect_max_s)))
+        self.publisher.start()
+        self.commands.start()
+        if self.updater is not None:
+            self.updater.start_polling()  # registry.poll_interval_s; 0: only on cmd/update
         for target, name in ((self._assembly_loop, "assembly"), (self._job_loop, "jobs")):
             t = threading.Thread(target=target, name=f"edge-{name}", daemon=True)
             t.start()
@@ -156,8 +153,13 @@ class Service:
             self.listener.stop()
         for t in self._threads:
             t.join(timeout=30)
+        if getattr(self, "updater", None) is not None:
+            self.updater.stop()  # an update in progress finishes (it self-tests in the runner)
+        if getattr(self, "commands", None) is not None:
+            self.commands.stop()
         if self.runner is not None:
             self.runner.stop()
+        self.engines.close()
         if self.publisher is not None:
             self.publisher.stop(timeout=5)
         if hasattr(self, "spool"):
@@ -189,13 +191,40 @@ class Service:
     # ---- status ----------------------------------------------------------------------------
     def _birth(self) -> bytes:
         self._birth_seq += 1
+        device = self.engines.probe.summary()
         return payloads.status_payload(
             device_id=self.cfg.device_id, state="online", version=__version__,
             started_at=_iso(self.started_at), seq=self._birth_seq,
-            capabilities={"backends": ["onnxruntime"], "dicom_ae_title": self.cfg.dicom.ae_title},
-            models=[{"name": s.name, "version": s.version, "variant": "fp32", "backend": "onnxruntime"}
-                    for s in self.specs],
+            capabilities={"backends": device["backends"], "dicom_ae_title": self.cfg.dicom.ae_title},
+            models=self.engines.summary(),
+            device=device,
         )
+
+    # ---- model updates and commands (docs/mqtt.md "Commands") -----------------------------------
+    def _command_dispatcher(self) -> CommandDispatcher:
+        """Create the registry updater (when ``[registry]`` is configured) and the handlers of
+        ``cmd/update``, ``cmd/rollback`` and ``cmd/selftest``; their events go to the outbox."""
+        self.updater: ModelUpdater | None = None
+        if self.cfg.registry.enabled():
+            self.updater = updater_from_config(self.cfg, self.engines.activate, self._events.put,
+                                               probe=self.engines.probe)
+
+        def updater() -> ModelUpdater:
+            if self.updater is None:
+                raise RegistryError("no registry configured ([registry] url and public_key)")
+            return self.updater
+
+        def update(c: Command) -> object:
+            return updater().pull_now([c.model] if c.model else None, correlation_id=c.correlation_id)
+
+        def rollback(c: Command) -> object:
+            return updater().rollback(c.model, correlation_id=c.correlation_id)
+
+        def selftest(c: Command) -> object:
+            return self.engines.selftest(c.model, correlation_id=c.correlation_id)
+
+        return CommandDispatcher(self.topics, {"update": update, "rollback": rollback, "selftest": selftest},
+                                 self._events.put)
 
     # ---- assembly thread -------------------------------------------------------------------
     def _spool_summary(self) -> list[tuple[str, str, str, str, str, int, float]]:
@@ -299,7 +328,6 @@ class Service:
 
     def _run_job(self, job: Any) -> None:
         assert self.runner is not None
-        spec, model_dir = self.models[job.model_name]
         instances = tuple(self.spool.instances_for_series(job.series_uid))
         if not instances:
             self._job_jobs.mark(job.job_id, FAILED, error="series no longer in the spool")
@@ -308,10 +336,9 @@ class Service:
         series = Series(first.study_uid, first.series_uid, first.modality, instances, job.revision,
                         first.series_description, first.body_part)
         t0 = time.monotonic()
-        outcome = self.runner.submit(InferenceJob(
-            job_id=job.job_id, series=series, model_name=spec.name, model_dir=model_dir,
-            variant_file=model_dir / spec.onnx, backend="onnxruntime", precision="fp32",
-        ))
+        # the active variant, with FP32 fallback / shadow validation / rollback (agent/engines);
+        # the prediction's model field names what actually produced it
+        outcome = self.engines.run_job(job.job_id, series, job.model_name, self.runner.submit)
         if outcome.kind == "cancelled":  # we are shutting down: not the job's fault
             self._job_jobs.release(job.job_id)
             return

@@ -730,14 +730,19 @@ def test_send_files_expands_directories_and_reports_per_file(make_rig: Callable[
     nested.mkdir(parents=True)
     rle = nested / "mr_rle.dcm"
     rle.write_bytes(Path(get_testdata_file("MR_small_RLE.dcm")).read_bytes())
-    (tmp_path / "send" / "README.txt").write_text("not dicom")
+    readme = tmp_path / "send" / "README.txt"
+    readme.write_text("not dicom")
 
     report = send_files([tmp_path / "send"], HOST, rig.port)
 
-    assert report.sent == 4 and report.failed == 1 and not report.ok
-    assert report.statuses[tmp_path / "send" / "README.txt"] is None
-    assert "not a DICOM" in report.errors[tmp_path / "send" / "README.txt"]
+    # found by the directory scan: skipped with its reason, not a failure
+    assert report.sent == 4 and report.failed == 0 and report.ok
+    assert readme not in report.statuses and "not a DICOM" in report.skipped[readme]
     assert all(report.statuses[p] == 0 for p in [*ct, rle])
+    # named explicitly: a failure
+    named = send_files([readme, ct[0]], HOST, rig.port)
+    assert named.failed == 1 and not named.ok and named.statuses[readme] is None
+    assert "not a DICOM" in named.errors[readme] and not named.skipped
     assert report.elapsed_s > 0
     stored = rig.spool.get(str(file_meta(rle).MediaStorageSOPInstanceUID))
     assert stored is not None and stored.transfer_syntax == "1.2.840.10008.1.2.5"

@@ -16,6 +16,7 @@ from agent.imaging import (
     restore_label_map,
     sliding_window_inference,
 )
+from agent.imaging.preprocess import source_grid_label_stats
 from agent.modelspec import InputSpec
 from agent.types import Volume
 
@@ -346,6 +347,41 @@ def test_restore_after_fractional_resampling_keeps_blobs_in_place(index: int) ->
         assert dice > 0.9, (value, dice)
         centroid_a, centroid_b = np.argwhere(a).mean(axis=0), np.argwhere(b).mean(axis=0)
         np.testing.assert_allclose(centroid_a, centroid_b, atol=0.5)
+
+
+def _scanned_stats(restored: np.ndarray, n_labels: int) -> list[tuple[int, tuple[int, ...]]]:
+    out = []
+    for value in range(1, n_labels):
+        where = np.argwhere(restored == value)
+        bbox = tuple(int(v) for v in where.min(axis=0)) + tuple(int(v) + 1 for v in where.max(axis=0)) if len(where) else ()
+        out.append((len(where), bbox))
+    return out
+
+
+@pytest.mark.parametrize("index", range(24))
+@pytest.mark.parametrize("target", [(1.7, 1.3, 1.1), (3.0, 0.6, 2.2), (0.9, 0.45, 0.4)])
+def test_source_grid_stats_equal_those_of_the_restored_map(index: int, target: tuple[float, float, float]) -> None:
+    # down-, up- and mixed resampling in every orientation; labels 3 and 5 absent, 4 a single voxel
+    rng = np.random.default_rng(index)
+    vol = sample_in_orientation(np.zeros((9, 17, 14), np.uint8), (2.5, 0.9, 0.8), rotations()[index])
+    geometry = prepare(vol, ct_spec(target_spacing_mm=target, window=(0.0, 1.0))).geometry
+    model = rng.integers(0, 3, size=geometry.resampled_shape).astype(np.uint8)
+    model[tuple(n // 2 for n in geometry.resampled_shape)] = 4
+    expected = _scanned_stats(restore_label_map(model, geometry), 6)
+    assert source_grid_label_stats(model, geometry, 6) == expected
+    assert expected[2] == (0, ()) and expected[4] == (0, ())
+
+
+def test_source_grid_stats_2d_and_shape_check() -> None:
+    prepared = prepare(volume(np.ones((3, 10, 12)), modality="MR"), mr2d_spec(target_size=(5, 6)))
+    labels = np.zeros((5, 6), np.uint8)
+    labels[1:3, 2:4] = 1
+    stats = source_grid_label_stats(labels, prepared.geometry, 3)
+    assert stats == _scanned_stats(restore_label_map(labels, prepared.geometry), 3)
+    assert stats[0][0] == 16 and stats[1] == (0, ())
+    geometry_3d = prepare(volume(np.ones((6, 6, 6))), ct_spec(target_spacing_mm=(2.0, 2.0, 2.0))).geometry
+    with pytest.raises(PreprocessError, match="does not match the model-space shape"):
+        source_grid_label_stats(np.zeros((2, 2, 2), np.uint8), geometry_3d, 2)
 
 
 def test_restore_2d_fills_the_source_slice() -> None:

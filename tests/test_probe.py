@@ -102,8 +102,8 @@ def test_probe_this_machine_matches_proc_cpuinfo(tmp_path: Path) -> None:
     assert doc["schema"] == SCHEMA and doc["cpu"]["int8_path"] == p.cpu.int8_path
     assert p.to_json() == p.to_json()  # deterministic
     s = p.summary()
-    assert set(s) == {"arch", "int8_path", "bf16", "gpus", "backends"}
-    assert "onnxruntime" in s["backends"]
+    assert set(s) == {"arch", "features", "int8_path", "bf16", "gpus", "jetson", "backends"}
+    assert "onnxruntime" in s["backends"] and s["features"] == list(p.cpu.features)
 
 
 def test_backend_details_listed_from_a_child_process(tmp_path: Path) -> None:
@@ -199,7 +199,7 @@ def test_nvidia_smi_fixtures(tmp_path: Path, csv: str, name: str, cc: str, memor
     assert gpu.jetson is False
     assert p.nvidia.cuda_version == "12.4"
     assert p.nvidia.driver_version
-    assert p.summary()["gpus"] == [{"name": name, "cc": cc, "fp8": fp8}]
+    assert p.summary()["gpus"] == [{"name": name, "cc": cc, "int8": int8, "fp8": fp8}]
 
 
 def test_nvml_preferred_when_pynvml_is_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

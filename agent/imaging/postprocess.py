@@ -62,32 +62,47 @@ def segmentation_outputs(
         )
     if len(labels) > 256:
         raise ModelSpecError(f"{len(labels)} labels do not fit a uint8 label map")
-    voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
-
-    filtered = label_map.astype(np.uint8, copy=True)
-    # One pass finds every label's bounding box; the per-label work then runs on that crop only,
-    # which keeps a 512x512x300 map with small organs fast.
+    filtered = keep_largest_components(label_map, len(labels)) if keep_largest else label_map.astype(np.uint8)
     boxes = ndimage.find_objects(filtered, max_label=len(labels) - 1)
-    stats: dict[str, LabelStats] = {}
+    counts = np.bincount(filtered.ravel(), minlength=len(labels))
+    per_label: list[tuple[int, tuple[int, ...]]] = []
     for value in range(1, len(labels)):
         box = boxes[value - 1] if value - 1 < len(boxes) else None
+        bbox = tuple(int(s.start) for s in box) + tuple(int(s.stop) for s in box) if box else ()
+        per_label.append((int(counts[value]), bbox))
+    return segmentation_output_from_counts(labels, per_label, spacing), filtered
+
+
+def segmentation_output_from_counts(
+    labels: Sequence[str], per_label: Sequence[tuple[int, tuple[int, ...]]], spacing: Sequence[float]
+) -> SegmentationOutput:
+    """``SegmentationOutput`` from ``(voxels, bbox)`` of every foreground label (``labels[1:]``,
+    in order) and the voxel spacing in mm (volume in ml = voxels * prod(spacing) / 1000)."""
+    if len(per_label) != len(labels) - 1:
+        raise ModelSpecError(f"{len(per_label)} label statistics for {len(labels) - 1} foreground labels")
+    voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
+    return SegmentationOutput(labels={
+        name: LabelStats(voxels=int(voxels), volume_ml=int(voxels) * voxel_ml, bbox=tuple(bbox))
+        for name, (voxels, bbox) in zip(labels[1:], per_label, strict=True)
+    })
+
+
+def keep_largest_components(label_map: np.ndarray, n_labels: int) -> np.ndarray:
+    """A uint8 copy of ``label_map`` where each foreground label keeps only its largest connected
+    component (the rest becomes background).
+
+    One pass finds every label's bounding box; the per-label work runs on that crop only.
+    """
+    filtered = np.asarray(label_map).astype(np.uint8, copy=True)
+    boxes = ndimage.find_objects(filtered, max_label=n_labels - 1)
+    for value in range(1, n_labels):
+        box = boxes[value - 1] if value - 1 < len(boxes) else None
         if box is None:
-            stats[labels[value]] = LabelStats(voxels=0, volume_ml=0.0, bbox=())
             continue
-        crop = filtered[box]
+        crop = filtered[box]  # a view: edits land in ``filtered``
         mask = crop == value
-        if keep_largest:
-            kept = largest_component(mask)
-            crop[mask & ~kept] = 0  # crop is a view: this edits ``filtered``
-            mask = kept
-        voxels = int(np.count_nonzero(mask))
-        inner = ndimage.find_objects(mask.astype(np.uint8))[0]
-        offsets = [s.start for s in box]
-        bbox = tuple(int(o + s.start) for o, s in zip(offsets, inner, strict=True)) + tuple(
-            int(o + s.stop) for o, s in zip(offsets, inner, strict=True)
-        )
-        stats[labels[value]] = LabelStats(voxels=voxels, volume_ml=voxels * voxel_ml, bbox=bbox)
-    return SegmentationOutput(labels=stats), filtered
+        crop[mask & ~largest_component(mask)] = 0
+    return filtered
 
 
 def classification_outputs(logits: np.ndarray, labels: Sequence[str]) -> ClassificationOutput:

@@ -179,6 +179,68 @@ def restore_label_map(label_map_model_space: np.ndarray, geometry: Geometry) -> 
     return np.ascontiguousarray(_undo_reorient(restored, geometry.permutation, geometry.flips))
 
 
+def source_grid_label_stats(
+    label_map_model_space: np.ndarray, geometry: Geometry, n_labels: int
+) -> list[tuple[int, tuple[int, ...]]]:
+    """Per label value ``1..n_labels-1``: its voxel count and end-exclusive bbox (source numpy
+    order, ``(z0, y0, x0, z1, y1, x1)``; ``()`` when absent) in the map that
+    :func:`restore_label_map` would return, computed without building that map.
+
+    Nearest-neighbour restoring is separable: every model voxel becomes a box of source voxels
+    whose size is the product of per-axis replication counts (0 where the source grid is coarser
+    and skips a model index). So one weighted bincount over the model-space map gives every
+    label's source voxel count, and a model-space bbox maps to a source bbox through the same
+    index arrays. A 512x512x300 CT restored then scanned costs about 0.5 s; this costs a few ms
+    on the model-space grid (a test holds the two equal).
+    """
+    if geometry.dims != 3:
+        restored = restore_label_map(label_map_model_space, geometry)
+        boxes = ndimage.find_objects(restored, max_label=n_labels - 1)
+        counts = np.bincount(restored.ravel(), minlength=n_labels)
+        return [
+            (int(counts[v]), _box_tuple(boxes[v - 1]) if v - 1 < len(boxes) and boxes[v - 1] else ())
+            for v in range(1, n_labels)
+        ]
+    labels = np.asarray(label_map_model_space)
+    if tuple(labels.shape) != tuple(geometry.resampled_shape):
+        raise PreprocessError(
+            f"label map shape {labels.shape} does not match the model-space shape {geometry.resampled_shape}"
+        )
+    index = [
+        np.minimum(((2 * np.arange(n, dtype=np.int64) + 1) * o) // (2 * n), o - 1)
+        for n, o in zip(geometry.canonical_shape, geometry.resampled_shape, strict=True)
+    ]
+    reps = [np.bincount(ix, minlength=o) for ix, o in zip(index, geometry.resampled_shape, strict=True)]
+    first = [np.cumsum(r) - r for r in reps]  # first canonical voxel of each model index
+    sampled = [np.flatnonzero(r) for r in reps]  # model indices some canonical voxel maps to
+    sub = labels.astype(np.uint8, copy=False)[np.ix_(*sampled)]
+    weights = reps[0][sampled[0]][:, None, None] * reps[1][sampled[1]][None, :, None] * reps[2][sampled[2]][None, None, :]
+    counts = np.bincount(sub.ravel(), weights=weights.ravel().astype(np.float64), minlength=n_labels)
+    boxes = ndimage.find_objects(sub, max_label=n_labels - 1)
+    out: list[tuple[int, tuple[int, ...]]] = []
+    for value in range(1, n_labels):
+        box = boxes[value - 1] if value - 1 < len(boxes) else None
+        if box is None:
+            out.append((0, ()))
+            continue
+        lo = [0, 0, 0]
+        hi = [0, 0, 0]
+        for k, sl in enumerate(box):  # canonical axis k
+            m0, m1 = sampled[k][sl.start], sampled[k][sl.stop - 1]
+            c0, c1 = int(first[k][m0]), int(first[k][m1] + reps[k][m1])
+            if geometry.flips[k]:
+                n = geometry.canonical_shape[k]
+                c0, c1 = n - c1, n - c0
+            axis = geometry.permutation[k]  # the source axis canonical axis k came from
+            lo[axis], hi[axis] = c0, c1
+        out.append((int(round(counts[value])), tuple(lo) + tuple(hi)))
+    return out
+
+
+def _box_tuple(box: tuple[slice, ...]) -> tuple[int, ...]:
+    return tuple(int(s.start) for s in box) + tuple(int(s.stop) for s in box)
+
+
 # --- orientation ------------------------------------------------------------------------------
 
 

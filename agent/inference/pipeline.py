@@ -22,8 +22,12 @@ from typing import NamedTuple
 import numpy as np
 
 from agent.errors import BackendError
-from agent.imaging.postprocess import classification_outputs, segmentation_outputs
-from agent.imaging.preprocess import prepare, restore_label_map
+from agent.imaging.postprocess import (
+    classification_outputs,
+    keep_largest_components,
+    segmentation_output_from_counts,
+)
+from agent.imaging.preprocess import prepare, restore_label_map, source_grid_label_stats
 from agent.imaging.sliding_window import sliding_window_inference
 from agent.imaging.volume import load_series
 from agent.inference.base import Backend
@@ -35,8 +39,8 @@ class ModelRun(NamedTuple):
     """``run_model_detailed``'s result (a tuple: ``prediction, label_map, logits = ...``).
 
     ``label_map``: segmentation only, uint8 (z, y, x) on the source grid, after the spec's
-    largest-component filter, i.e. the map the published statistics describe; None for
-    classification. ``logits``: segmentation (K, *model-space spatial) float32; classification (K,).
+    largest-component filter (applied in model space), i.e. the map the published statistics
+    describe; None for classification or when not asked for. ``logits``: segmentation (K, *model-space spatial) float32; classification (K,).
     """
 
     prediction: Prediction
@@ -57,7 +61,9 @@ def run_model(
     Raises VolumeError / PreprocessError (from imaging) for series the model cannot take, and
     BackendError when the backend fails or its outputs are non-finite or of the wrong shape.
     """
-    return run_model_detailed(series_paths, spec, backend, model_ref, sw_batch_size=sw_batch_size).prediction
+    return run_model_detailed(
+        series_paths, spec, backend, model_ref, sw_batch_size=sw_batch_size, want_label_map=False
+    ).prediction
 
 
 def run_model_detailed(
@@ -67,10 +73,13 @@ def run_model_detailed(
     model_ref: ModelRef,
     *,
     sw_batch_size: int = 1,
+    want_label_map: bool = True,
 ) -> ModelRun:
     """Like ``run_model``, also returning the label map and logits (see ``ModelRun``).
 
-    ``sw_batch_size``: patches per backend call in the 3D sliding window.
+    ``sw_batch_size``: patches per backend call in the 3D sliding window. ``want_label_map=False``
+    skips restoring the source-grid label map (``label_map`` is then None; the statistics do
+    not need it).
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -118,11 +127,15 @@ def run_model_detailed(
             )
         if n_classes > 256:
             raise BackendError(f"{n_classes} labels do not fit the uint8 label map (at most 256)")
+        # Filtering and statistics run on the model-space grid (about 30x fewer voxels than a
+        # 512x512 CT); the counts and boxes are those of the restored source-grid map.
         model_space = np.argmax(logits, axis=0).astype(np.uint8)
-        source = restore_label_map(model_space, prepared.geometry)
-        outputs, label_map = segmentation_outputs(
-            source, spec.labels, volume.spacing, keep_largest=spec.output.largest_component
-        )
+        if spec.output.largest_component:
+            model_space = keep_largest_components(model_space, n_classes)
+        per_label = source_grid_label_stats(model_space, prepared.geometry, n_classes)
+        outputs = segmentation_output_from_counts(spec.labels, per_label, volume.spacing)
+        if want_label_map:
+            label_map = restore_label_map(model_space, prepared.geometry)
     else:
         outputs = classification_outputs(logits, spec.labels)
     lap("postprocess")

@@ -35,8 +35,21 @@ Fault injection (tests only): with ``InferenceRunner(..., fault_injection=True)`
 configuration in production -- ``submit`` reads ``EDGE_AGENT_FAULT`` from the environment and the
 worker misbehaves at the job's first inference call: ``crash`` (``os._exit(70)``), ``segv`` (SIGSEGV
 to itself), ``hang`` (sleeps with SIGTERM ignored, so the SIGKILL escalation is exercised), ``oom``
-(allocates past the memory limit; raises MemoryError directly when no limit is set) or ``nan``
-(the backend returns NaN). Without ``fault_injection`` the variable is ignored.
+(allocates past the memory limit; raises MemoryError directly when no limit is set), ``nan``
+(the backend returns NaN), ``raise`` (the backend raises BackendError) or ``disagree`` (the backend
+returns its class channels in reverse order: finite, plausible, wrong). ``FAULT@TARGET`` limits the
+fault to jobs whose ``variant`` or ``version`` is TARGET (the shadow FP32 run is never faulted).
+Without ``fault_injection`` the variable is ignored.
+
+Besides jobs, the worker runs *trials* (``trial``): load one model file on one backend, run a given
+input, time a few more runs. The engine manager (agent/engines) self-tests and times variants this
+way, in the same process and with the same threads as the jobs they will later run.
+
+A job may carry a ``shadow``: after the job's own model produced its prediction, the worker runs the
+same series through the shadow model (the FP32 fallback) and reports how far they agree
+(``JobOutcome.shadow``): classification 1.0/0.0 for the same/another label, segmentation the mean
+Dice of the foreground labels of the two argmax maps (in model space). A failing shadow run never
+fails the job.
 """
 
 from __future__ import annotations
@@ -57,15 +70,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from agent.errors import BackendError, EdgeAgentError
+from agent.errors import BackendError, DicomError, EdgeAgentError, PreprocessError, VolumeError
 from agent.log import JsonFormatter, log_event, setup_logging
+from agent.modelspec import ModelSpec
 from agent.types import Prediction, Series
 
 if TYPE_CHECKING:  # only for annotations: the parent must not import these at run time
     from multiprocessing.process import BaseProcess
 
     from agent.inference.base import Backend, BackendInfo
-    from agent.modelspec import ModelSpec
     from agent.types import ModelRef
 
 logger = logging.getLogger(__name__)
@@ -74,7 +87,22 @@ JobKind = Literal["ok", "error", "timeout", "crash", "oom", "cancelled"]
 
 #: environment variable read by ``submit`` when the runner was built with ``fault_injection=True``
 FAULT_ENV = "EDGE_AGENT_FAULT"
-FAULTS = ("crash", "segv", "hang", "oom", "nan")
+FAULTS = ("crash", "segv", "hang", "oom", "nan", "raise", "disagree")
+#: JobOutcome.failure: whose fault a failed job was. "model": the model/backend failed (load error,
+#: exception, non-finite output, crash, timeout): another variant may succeed. "input": the series
+#: cannot be read or prepared: any variant would fail the same way. "": ok, cancelled or out of memory.
+FailureKind = Literal["", "model", "input"]
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One runnable model file: what ``Backend.load`` needs, and the variant id it reports."""
+
+    variant_file: Path
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    variant: str = ""
+    backend_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,6 +112,9 @@ class InferenceJob:
     ``model_dir`` holds ``model.toml``; ``variant_file`` is the ONNX file to run (absolute, or
     relative to the current directory). ``variant`` names it in ``ModelRef.variant`` (default:
     ``precision``). ``backend_options`` go to ``Backend.load`` (e.g. ``{"providers": [...]}``).
+    ``spec``: the model spec when it does not come from ``model_dir/model.toml`` (a registry
+    version carries it in its manifest). ``version``: the installed version the file belongs to
+    ("" for models.dir). ``shadow``: also run this model file and report agreement (see above).
     """
 
     job_id: str
@@ -95,6 +126,47 @@ class InferenceJob:
     precision: str = "fp32"
     variant: str = ""
     backend_options: Mapping[str, Any] = field(default_factory=dict)
+    spec: ModelSpec | None = None
+    version: str = ""
+    shadow: ModelFile | None = None
+
+
+@dataclass(frozen=True)
+class ShadowOutcome:
+    """The shadow run of a job: ``agreement`` (see the module docstring) or the ``error`` that
+    stopped the shadow run (then ``agreement`` is None)."""
+
+    variant: str
+    agreement: float | None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class TrialRequest:
+    """Load ``model`` and run ``inputs`` once (output returned), then ``bench_runs`` more times (timed)."""
+
+    model: ModelFile
+    inputs: np.ndarray
+    bench_runs: int = 5
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What a trial did. ``kind`` as for jobs (ok, error, timeout, crash, oom, cancelled).
+    ``output``: the first run's output; ``latency_ms``: fastest of the timed runs; ``precision``:
+    what the backend reports it computed in (``BackendInfo.precision``)."""
+
+    kind: JobKind
+    output: np.ndarray | None = None
+    load_ms: float = 0.0
+    latency_ms: float = 0.0
+    backend_version: str = ""
+    precision: str = ""
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == "ok"
 
 
 @dataclass(frozen=True)
@@ -105,6 +177,8 @@ class JobOutcome:
     prediction: Prediction | None = None
     error: str = ""
     duration_ms: float = 0.0
+    failure: FailureKind = ""
+    shadow: ShadowOutcome | None = None
 
     @property
     def ok(self) -> bool:
@@ -297,9 +371,7 @@ class InferenceRunner:
         with self._job_lock:
             t0 = time.monotonic()
             outcome = self._submit(job)
-            outcome = JobOutcome(
-                outcome.kind, outcome.prediction, outcome.error, round((time.monotonic() - t0) * 1000, 1)
-            )
+            outcome = replace(outcome, duration_ms=round((time.monotonic() - t0) * 1000, 1))
             level = logging.INFO if outcome.ok else logging.WARNING
             log_event(
                 logger,
@@ -309,11 +381,26 @@ class InferenceRunner:
                 model=job.model_name,
                 backend=job.backend,
                 precision=job.precision,
+                variant=job.variant or job.precision,
                 kind=outcome.kind,
                 ms=outcome.duration_ms,
                 error=outcome.error or "-",
             )
             return outcome
+
+    def trial(self, request: TrialRequest, timeout_s: float | None = None) -> TrialOutcome:
+        """Load ``request.model`` in the worker, run its input, time it (see TrialRequest); waits at
+        most ``timeout_s`` (default ``job_timeout_s``). Never raises for the model's failures."""
+        model = replace(request.model, variant_file=Path(request.model.variant_file).absolute())
+        with self._job_lock:
+            reply = self._exchange(("trial", replace(request, model=model), ""),
+                                   timeout_s or self.job_timeout_s, f"trial:{model.variant}")
+            if isinstance(reply, JobOutcome):
+                return TrialOutcome(reply.kind, error=reply.error)
+            if len(reply) != 8:  # the worker's generic error reply (its answer could not be sent)
+                return TrialOutcome("error", error=str(reply[3]))
+            _, kind, output, load_ms, latency_ms, version, precision, error = reply
+            return TrialOutcome(kind, output, load_ms, latency_ms, version, precision, error)
 
     def _send(self, msg: tuple[Any, ...]) -> tuple[BaseProcess, Connection] | JobOutcome:
         """Hand ``msg`` to a live worker (starting one if needed); the worker and its pipe, or the
@@ -325,76 +412,80 @@ class InferenceRunner:
                 try:
                     self._ensure_worker()
                 except BackendError as exc:
-                    return JobOutcome("crash", error=str(exc))
+                    return JobOutcome("crash", error=str(exc), failure="model")
                 proc, conn = self._proc, self._conn
             assert proc is not None and conn is not None  # _ensure_worker set them
             try:
                 conn.send(msg)
                 return proc, conn
             except (pickle.PicklingError, TypeError, AttributeError) as exc:
-                return JobOutcome("error", error=f"job cannot be sent to the worker: {exc}")
+                return JobOutcome("error", error=f"job cannot be sent to the worker: {exc}", failure="input")
             except OSError:
                 # the worker died between jobs; the job never started, so start a fresh one once
                 self._forget(proc, conn, kill=True)
                 if attempt == 2:
                     break
-        return JobOutcome("crash", error="inference worker died before the job started")
+        return JobOutcome("crash", error="inference worker died before the job started", failure="model")
 
     def _submit(self, job: InferenceJob) -> JobOutcome:
         job = _absolute_paths(job)
         fault = os.environ.get(FAULT_ENV, "") if self._fault_injection else ""
-        sent = self._send(("job", job, fault))
+        reply = self._exchange(("job", job, fault), self.job_timeout_s, job.job_id)
+        if isinstance(reply, JobOutcome):
+            return reply
+        _, kind, prediction, error, failure, shadow = reply
+        return JobOutcome(kind, prediction, error, failure=failure, shadow=shadow)
+
+    def _exchange(self, msg: tuple[Any, ...], timeout_s: float, label: str) -> tuple[Any, ...] | JobOutcome:
+        """Send ``msg``, wait up to ``timeout_s`` for the worker's ("done", kind, ...) reply and
+        return it; a JobOutcome when there is none (crash, timeout, cancelled). Caller holds
+        ``_job_lock``."""
+        sent = self._send(msg)
         if isinstance(sent, JobOutcome):
             return sent
         proc, conn = sent
 
         try:
-            ready = wait([conn, proc.sentinel], timeout=self.job_timeout_s)
+            ready = wait([conn, proc.sentinel], timeout=timeout_s)
         except OSError:  # stop() killed the worker and closed the pipe before we got to wait
             ready = [proc.sentinel]
         if conn in ready or proc.sentinel in ready:
-            msg: Any = None
+            reply: Any = None
             try:
                 if conn.poll():
-                    msg = conn.recv()
+                    reply = conn.recv()
             except (EOFError, OSError):
-                msg = None
-            if isinstance(msg, tuple) and len(msg) == 4 and msg[0] == "done":
-                _, kind, prediction, error = msg
-                if kind == "oom":
+                reply = None
+            if isinstance(reply, tuple) and len(reply) > 2 and reply[0] == "done":
+                if reply[1] == "oom":
                     # a process that hit its memory ceiling is not trusted with the next job
                     self._forget(proc, conn, kill=True)
-                return JobOutcome(kind, prediction, error)
+                return reply
             # no answer: the worker died (or stop() killed it)
             proc.join(self.kill_grace_s)
             stopped = self._forget(proc, conn, kill=True)
             if stopped:
                 return JobOutcome("cancelled", error="inference runner stopped during the job")
             reason = _exit_reason(proc)
-            log_event(
-                logger, "runner.worker_crashed", logging.ERROR, job_id=job.job_id, pid=proc.pid, reason=reason
-            )
-            return JobOutcome("crash", error=f"inference worker died during the job: {reason}")
+            log_event(logger, "runner.worker_crashed", logging.ERROR, job_id=label, pid=proc.pid, reason=reason)
+            return JobOutcome("crash", error=f"inference worker died during the job: {reason}", failure="model")
 
         # timeout: the worker is busy with a job we no longer want; kill it, a fresh one comes next
         self._forget(proc, conn, kill=False)  # killed below, outside the lock (takes up to 2 graces)
         how = _kill(proc, self.kill_grace_s)
-        log_event(
-            logger,
-            "runner.job_timeout",
-            logging.ERROR,
-            job_id=job.job_id,
-            pid=proc.pid,
-            timeout_s=self.job_timeout_s,
-            killed_with=how,
-        )
-        return JobOutcome("timeout", error=f"job ran past {self.job_timeout_s:g} s; worker killed ({how})")
+        log_event(logger, "runner.job_timeout", logging.ERROR, job_id=label, pid=proc.pid,
+                  timeout_s=timeout_s, killed_with=how)
+        return JobOutcome("timeout", error=f"job ran past {timeout_s:g} s; worker killed ({how})", failure="model")
 
 
 def _absolute_paths(job: InferenceJob) -> InferenceJob:
     """The job with absolute model paths (relative ones are taken from the current directory)."""
+    shadow = job.shadow
+    if shadow is not None:
+        shadow = replace(shadow, variant_file=Path(shadow.variant_file).absolute())
     return replace(
-        job, model_dir=Path(job.model_dir).absolute(), variant_file=Path(job.variant_file).absolute()
+        job, model_dir=Path(job.model_dir).absolute(), variant_file=Path(job.variant_file).absolute(),
+        shadow=shadow,
     )
 
 
@@ -461,11 +552,11 @@ def _worker_main(
             return  # the parent is gone
         if not isinstance(msg, tuple) or not msg or msg[0] == "stop":
             return
-        reply = worker.run(msg[1], msg[2])
+        reply = worker.trial(msg[1]) if msg[0] == "trial" else worker.run(msg[1], msg[2])
         try:
             conn.send(reply)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            conn.send(("done", "error", None, f"prediction cannot be returned: {exc}"))
+            conn.send(("done", "error", None, f"prediction cannot be returned: {exc}", "model", None))
         except OSError:
             return  # the parent is gone
 
@@ -500,58 +591,99 @@ class _Worker:
         #: (model name, backend, precision, variant) -> (fingerprint, spec, backend)
         self._models: dict[tuple[str, str, str, str], tuple[tuple[Any, ...], ModelSpec, Backend]] = {}
 
-    def run(self, job: InferenceJob, fault: str) -> tuple[str, str, Prediction | None, str]:
-        """Run one job; returns ``("done", kind, prediction, error)``. Never raises."""
+    def run(self, job: InferenceJob, fault: str) -> tuple[Any, ...]:
+        """Run one job; returns ``("done", kind, prediction, error, failure, shadow)``. Never raises."""
         try:
-            spec, backend = self._model(job)
+            spec, backend = self._model(job, job)
             info = backend.describe()
             ref = _model_ref(spec, job, info)
-            if fault and self.fault_injection:
-                backend = _FaultyBackend(backend, fault, self.memory_limit_mb)
+            if self.fault_injection and _fault_applies(fault, job):
+                backend = _FaultyBackend(backend, fault.partition("@")[0], self.memory_limit_mb)
             paths = [inst.path for inst in job.series.instances]
-            prediction = self._pipeline.run_model(paths, spec, backend, ref)
-            return ("done", "ok", prediction, "")
+            if job.shadow is None:
+                prediction = self._pipeline.run_model(paths, spec, backend, ref)
+                return ("done", "ok", prediction, "", "", None)
+            run = self._pipeline.run_model_detailed(paths, spec, backend, ref)
+            return ("done", "ok", run.prediction, "", "", self._shadow(job, spec, paths, run.logits))
         except MemoryError as exc:
-            return (
-                "done",
-                "oom",
-                None,
-                f"out of memory (worker limit {self.memory_limit_mb or 'none'} MB): "
-                f"{exc or 'allocation failed'}",
-            )
+            return ("done", "oom", None, f"out of memory (worker limit {self.memory_limit_mb or 'none'} MB): "
+                    f"{exc or 'allocation failed'}", "", None)
         except EdgeAgentError as exc:
             kind = "oom" if _looks_like_oom(str(exc)) else "error"
-            return ("done", kind, None, f"{type(exc).__name__}: {exc}")
+            failure = "" if kind == "oom" else _failure_of(exc)
+            return ("done", kind, None, f"{type(exc).__name__}: {exc}", failure, None)
         except Exception as exc:
             # a bug in one model's code path must become an outcome, not kill the warm worker
             logger.exception("worker.job_failed")
-            return ("done", "error", None, f"internal error: {type(exc).__name__}: {exc}")
+            return ("done", "error", None, f"internal error: {type(exc).__name__}: {exc}", "model", None)
 
-    def _model(self, job: InferenceJob) -> tuple[ModelSpec, Backend]:
-        """The loaded (spec, backend) for the job, from the cache when the files did not change."""
-        toml = Path(job.model_dir) / "model.toml"
+    def _shadow(self, job: InferenceJob, spec: ModelSpec, paths: list[Path], logits: np.ndarray) -> ShadowOutcome:
+        """Run the job's shadow model on the same series; agreement of the two outputs."""
+        assert job.shadow is not None
+        shadow = replace(job, variant_file=job.shadow.variant_file, backend=job.shadow.backend,
+                         precision=job.shadow.precision, variant=job.shadow.variant,
+                         backend_options=job.shadow.backend_options, shadow=None)
+        name = shadow.variant or shadow.precision
+        try:
+            _, backend = self._model(shadow, job)
+            run = self._pipeline.run_model_detailed(paths, spec, backend, _model_ref(spec, shadow, backend.describe()))
+        except (EdgeAgentError, MemoryError) as exc:
+            log_event(logger, "worker.shadow_failed", logging.WARNING, job_id=job.job_id, variant=name, error=str(exc))
+            return ShadowOutcome(name, None, f"{type(exc).__name__}: {exc}")
+        return ShadowOutcome(name, agreement(spec.task, logits, run.logits))
+
+    def trial(self, request: TrialRequest) -> tuple[Any, ...]:
+        """Load a model file fresh, run the request's input, time ``bench_runs`` more runs.
+        Returns ``("done", kind, output, load_ms, latency_ms, version, precision, error)``."""
+        m = request.model
+        try:
+            options = {**dict(m.backend_options), "warmup_shape": tuple(request.inputs.shape)}
+            backend = self._registry.create(m.backend)
+            t0 = time.perf_counter()
+            backend.load(Path(m.variant_file), precision=m.precision, threads=self.threads, options=options)
+            load_ms = (time.perf_counter() - t0) * 1000
+            output = np.asarray(backend.run(request.inputs), dtype=np.float32)
+            times = []
+            for _ in range(max(1, request.bench_runs)):
+                t0 = time.perf_counter()
+                backend.run(request.inputs)
+                times.append((time.perf_counter() - t0) * 1000)
+            info = backend.describe()
+            del backend  # free the session before the reply: trials load many variants in a row
+            # best of N: other processes on the device only ever add time, so the minimum is the
+            # steadiest estimate of the variant's own speed (medians flipped choices on a busy box)
+            return ("done", "ok", output, round(load_ms, 1), round(min(times), 3),
+                    info.version, info.precision, "")
+        except MemoryError as exc:
+            return ("done", "oom", None, 0.0, 0.0, "", "", f"out of memory: {exc or 'allocation failed'}")
+        except EdgeAgentError as exc:
+            return ("done", "error", None, 0.0, 0.0, "", "", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            logger.exception("worker.trial_failed")
+            return ("done", "error", None, 0.0, 0.0, "", "", f"internal error: {type(exc).__name__}: {exc}")
+
+    def _model(self, job: InferenceJob, owner: InferenceJob) -> tuple[ModelSpec, Backend]:
+        """The loaded (spec, backend) for the job, from the cache when the files did not change.
+        ``owner``: the job whose spec / model folder applies (a shadow run borrows its job's)."""
         variant = Path(job.variant_file)
         try:
-            vstat, tstat = variant.stat(), toml.stat()
+            vstat = variant.stat()
+            spec_stamp: Any = (owner.spec.model_dump_json() if owner.spec is not None
+                               else (Path(owner.model_dir) / "model.toml").stat().st_mtime_ns)
         except OSError as exc:
             raise BackendError(f"model file missing: {exc}") from exc
         options = dict(job.backend_options)
-        fingerprint = (
-            str(variant),
-            vstat.st_mtime_ns,
-            vstat.st_size,
-            tstat.st_mtime_ns,
-            repr(sorted(options.items())),
-        )
+        fingerprint = (str(variant), vstat.st_mtime_ns, vstat.st_size, spec_stamp, repr(sorted(options.items())))
         key = (job.model_name, job.backend, job.precision, job.variant)
         cached = self._models.get(key)
         if cached is not None and cached[0] == fingerprint:
             return cached[1], cached[2]
         # a new or updated model: drop the old one first so both are never in memory together
         self._models.pop(key, None)
-        spec = self._load_spec(job.model_dir)
+        spec = owner.spec if owner.spec is not None else self._load_spec(owner.model_dir)
         if spec.name != job.model_name:
-            raise BackendError(f"{toml} declares model {spec.name!r}, the job asked for {job.model_name!r}")
+            raise BackendError(f"the spec of {owner.model_dir} declares model {spec.name!r}, "
+                               f"the job asked for {job.model_name!r}")
         if "warmup_shape" not in options:
             shape = _warmup_shape(spec)
             if shape is not None:
@@ -565,6 +697,7 @@ class _Worker:
             "worker.model_loaded",
             model=spec.name,
             version=spec.version,
+            variant=job.variant or job.precision,
             backend=info.name,
             precision=info.precision,
             device=info.device,
@@ -572,6 +705,37 @@ class _Worker:
         )
         self._models[key] = (fingerprint, spec, backend)
         return spec, backend
+
+
+def agreement(task: str, a: np.ndarray, b: np.ndarray) -> float:
+    """How far two logits arrays of one series agree. Classification (K,): 1.0 when the argmax
+    (label) is the same, else 0.0. Segmentation (K, *spatial): mean Dice over the foreground labels
+    (1..K-1) present in either argmax map; 1.0 when neither has any foreground."""
+    if a.shape != b.shape:
+        return 0.0
+    if task == "classification":
+        return 1.0 if int(np.argmax(a)) == int(np.argmax(b)) else 0.0
+    la, lb = np.argmax(a, axis=0), np.argmax(b, axis=0)
+    dices = []
+    for label in range(1, a.shape[0]):
+        ina, inb = la == label, lb == label
+        total = int(ina.sum()) + int(inb.sum())
+        if total:
+            dices.append(2.0 * int(np.logical_and(ina, inb).sum()) / total)
+    return round(float(np.mean(dices)), 6) if dices else 1.0
+
+
+def _failure_of(exc: EdgeAgentError) -> FailureKind:
+    """Whose fault: the series (unreadable, or one the model's input spec cannot take), or the model."""
+    return "input" if isinstance(exc, (DicomError, PreprocessError, VolumeError)) else "model"
+
+
+def _fault_applies(fault: str, job: InferenceJob) -> bool:
+    """Fault injection: ``FAULT`` hits every job, ``FAULT@TARGET`` only jobs of that variant or version."""
+    if not fault:
+        return False
+    target = fault.partition("@")[2]
+    return not target or target in (job.variant, job.version)
 
 
 def _model_ref(spec: ModelSpec, job: InferenceJob, info: BackendInfo) -> ModelRef:
@@ -636,5 +800,9 @@ class _FaultyBackend:
                 # touches the pages, so it is a real failure under RLIMIT_AS, not a lazy mapping
                 np.ones((self._limit + 64) * 1024 * 1024, dtype=np.uint8)
             raise MemoryError("fault injection: oom")
+        if fault == "raise":
+            raise BackendError("fault injection: the backend raised")
         out = self._inner.run(inputs)
+        if fault == "disagree":
+            return np.ascontiguousarray(out[:, ::-1])
         return np.full_like(out, np.nan)  # "nan"

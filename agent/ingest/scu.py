@@ -45,7 +45,10 @@ class SendReport:
     ``statuses`` maps every file found to the C-STORE status the peer answered, or None when the
     file was not sent (not DICOM, no accepted presentation context, association lost);
     ``errors`` says why for each file that was not stored. ``sent`` counts files the peer
-    stored (Success or a storage warning), ``failed`` all the others.
+    stored (Success or a storage warning), ``failed`` all the others. ``skipped`` lists the
+    files found while scanning a directory that are not DICOM Part 10 files (a README, a
+    truth.json, a DICOMDIR's neighbours), with the reason: like storescu's ``+sd`` scan they are
+    not failures; a file named explicitly that is not DICOM is.
     """
 
     sent: int
@@ -53,6 +56,7 @@ class SendReport:
     statuses: Mapping[Path, int | None]
     elapsed_s: float
     errors: Mapping[Path, str] = field(default_factory=dict)
+    skipped: Mapping[Path, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -76,14 +80,18 @@ def send_files(
     started = time.monotonic()
     statuses: dict[Path, int | None] = {}
     errors: dict[Path, str] = {}
+    skipped: dict[Path, str] = {}
     # (sop class, transfer syntax) -> files, in first-seen order
     groups: dict[tuple[str, str], list[Path]] = {}
-    for path in _expand(paths):
+    for path, named in _expand(paths):
         try:
             sop_class, syntax = _sop_class_and_syntax(path)
         except ValueError as exc:
-            statuses[path] = None
-            errors[path] = str(exc)
+            if named:
+                statuses[path] = None
+                errors[path] = str(exc)
+            else:
+                skipped[path] = str(exc)
             continue
         groups.setdefault((sop_class, syntax), []).append(path)
 
@@ -106,9 +114,10 @@ def send_files(
         statuses=statuses,
         elapsed_s=time.monotonic() - started,
         errors=errors,
+        skipped=skipped,
     )
     log_event(logger, "send.done", host=host, port=port, sent=report.sent, failed=report.failed,
-              elapsed_s=round(report.elapsed_s, 3))
+              skipped=len(skipped), elapsed_s=round(report.elapsed_s, 3))
     return report
 
 
@@ -178,13 +187,14 @@ def _close_socket(assoc: object) -> None:
         sock.close()
 
 
-def _expand(paths: Sequence[Path]) -> Iterator[Path]:
+def _expand(paths: Sequence[Path]) -> Iterator[tuple[Path, bool]]:
+    """Every file to consider, with whether the user named it (True) or a directory scan found it."""
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            yield from sorted(q for q in p.rglob("*") if q.is_file())
+            yield from ((q, False) for q in sorted(q for q in p.rglob("*") if q.is_file()))
         else:
-            yield p
+            yield p, True
 
 
 def _sop_class_and_syntax(path: Path) -> tuple[str, str]:

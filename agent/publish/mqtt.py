@@ -37,6 +37,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config import MqttConfig
 from agent.errors import EdgeAgentError, PublishError
@@ -65,7 +66,8 @@ class MqttPublisher:
     Takes the MQTT configuration, the device id, the outbox (on a connection of its own, see
     ``Outbox``), ``birth`` (returns the status payload, ``payloads.status_payload``; the publisher
     stamps ``seq``, ``state`` and ``reason`` itself) and optionally ``on_command(topic, payload)``,
-    called from paho's thread for messages on ``{prefix}/{device_id}/cmd/#``.
+    called from paho's thread for messages on ``{prefix}/{device_id}/cmd/#`` (never for retained
+    ones; it must return quickly: ``commands.CommandDispatcher`` queues and runs elsewhere).
 
     ``reconnect_delay_s`` (min, max) bounds paho's exponential reconnect backoff;
     ``poll_interval_s`` is how often the drain looks at the outbox without a ``wake()`` (rows put
@@ -109,6 +111,7 @@ class MqttPublisher:
         self._status_seq = 0
         self._birth_bytes: bytes | None = None
         self._last_error: str | None = None
+        self._cmd_subscribed = False  # the broker acknowledged our cmd/# subscription on this connection
 
         self._client: mqtt.Client | None = None
         self._thread: threading.Thread | None = None
@@ -120,6 +123,13 @@ class MqttPublisher:
         """True between a successful CONNACK and the next disconnect."""
         with self._cv:
             return self._connected
+
+    @property
+    def commands_subscribed(self) -> bool:
+        """True once the broker granted the ``cmd/#`` subscription on the current connection
+        (commands sent before that are not delivered to this device)."""
+        with self._cv:
+            return self._connected and self._cmd_subscribed
 
     @property
     def last_error(self) -> str | None:
@@ -189,6 +199,7 @@ class MqttPublisher:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
 
         props: Properties | None = None
         if v5:
@@ -338,8 +349,10 @@ class MqttPublisher:
                 payload = restamp_status(birth, seq=seq, state="online")
                 info = client.publish(self.topics.status, payload, qos=1, retain=True)
                 self._register(info.mid, None, gen)
+            with self._cv:
+                self._cmd_subscribed = False
             if self._on_command is not None:
-                client.subscribe(self.topics.cmd, qos=1)
+                self._subscribe_commands(client)
             with self._cv:
                 self._connected = True
                 self._last_error = None
@@ -387,8 +400,36 @@ class MqttPublisher:
         except Exception:  # noqa: BLE001 - logged; paho's thread must survive
             logger.exception("mqtt.on_publish_failed", extra={"ea_fields": {"mid": mid}})
 
+    def _subscribe_commands(self, client: mqtt.Client) -> None:
+        """Subscribe to ``cmd/#``. A command runs once, when it is sent: MQTT 5 asks the broker
+        not to replay retained messages at subscribe time (retain handling 2); MQTT 3.1.1 cannot,
+        so ``_on_message`` drops messages that arrive flagged retained."""
+        if self.cfg.protocol == "5":
+            client.subscribe(self.topics.cmd, options=SubscribeOptions(qos=1, retainHandling=2))
+        else:
+            client.subscribe(self.topics.cmd, qos=1)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
+                      properties: Any) -> None:
+        try:
+            refused = [str(rc) for rc in reason_codes if rc.is_failure]
+            with self._cv:
+                self._cmd_subscribed = not refused
+            if refused:
+                # e.g. an ACL that denies cmd/#: the device keeps publishing but takes no commands
+                log_event(logger, "mqtt.commands_refused", logging.ERROR, topic=self.topics.cmd,
+                          reason=",".join(refused))
+            else:
+                log_event(logger, "mqtt.commands_subscribed", topic=self.topics.cmd)
+        except Exception:  # noqa: BLE001 - logged; paho's thread must survive
+            logger.exception("mqtt.on_subscribe_failed")
+
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if self._on_command is None:
+            return
+        if msg.retain:
+            log_event(logger, "mqtt.command_retained_ignored", logging.WARNING, topic=msg.topic,
+                      size=len(msg.payload))
             return
         try:
             self._on_command(msg.topic, bytes(msg.payload))

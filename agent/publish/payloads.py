@@ -181,6 +181,25 @@ class StatusModel(_Strict):
     backend: str
 
 
+class GpuSummary(_Strict):
+    name: str
+    cc: str | None = Field(description="compute capability 'major.minor'; null when the driver does not say")
+    int8: bool
+    fp8: bool
+
+
+class DeviceSummary(_Strict):
+    """The capability probe in short (agent/registry/probe.py ``Probe.summary()``, docs/probe.md)."""
+
+    arch: str
+    features: list[str] = Field(description="the CPU features that decide INT8/BF16 paths, as the kernel names them")
+    int8_path: str
+    bf16: bool
+    gpus: list[GpuSummary]
+    jetson: str | None = None
+    backends: list[str] = Field(description="inference backends installed and usable")
+
+
 class StatusMessage(BaseModel):
     """``edge-agent/status/1``: birth (``online``) and Last Will / shutdown (``offline``)."""
 
@@ -194,6 +213,7 @@ class StatusMessage(BaseModel):
     seq: int = Field(ge=0)
     capabilities: dict[str, Any]
     models: list[StatusModel]
+    device: DeviceSummary | None = None
     reason: str | None = None
 
 
@@ -354,12 +374,16 @@ def status_payload(
     state: Literal["online", "offline"] = "online",
     seq: int = 0,
     reason: str | None = None,
+    device: Mapping[str, Any] | None = None,
 ) -> bytes:
     """Build an ``edge-agent/status/1`` message (birth when ``state`` is online).
 
     ``started_at`` is the process start (epoch seconds or ISO string); ``capabilities`` a small
-    summary dict (backends, accelerator, ...); ``models`` the loaded models. The publisher
-    re-stamps ``seq`` (and ``state``/``reason`` for the offline variants) with ``restamp_status``.
+    summary dict (backends, accelerator, ...); ``models`` the loaded models; ``device`` the
+    capability probe's summary (``Probe.summary()``: CPU arch and INT8/BF16 features, GPUs,
+    usable backends), validated here so a malformed one fails the build, not a consumer. The
+    publisher re-stamps ``seq`` (and ``state``/``reason`` for the offline variants) with
+    ``restamp_status``.
     """
     doc: dict[str, Any] = {
         "schema": STATUS_SCHEMA,
@@ -371,6 +395,11 @@ def status_payload(
         "capabilities": {str(k): _jsonable(v) for k, v in (capabilities or {}).items()},
         "models": _status_models(models),
     }
+    if device is not None:
+        try:
+            doc["device"] = DeviceSummary.model_validate(dict(device)).model_dump()
+        except ValidationError as exc:
+            raise PublishError(f"device summary does not match DeviceSummary: {exc}") from exc
     if reason is not None:
         doc["reason"] = reason
     return _dumps(doc)

@@ -413,10 +413,15 @@ class RegistryClient:
 
     # ------------------------------------------------------------------------------- install
 
-    def install(self, model: str, version: str, variants: Iterable[Variant | str]) -> PullResult:
+    def install(self, model: str, version: str, variants: Iterable[Variant | str], *,
+                switch: bool = True) -> PullResult:
         """Download ``variants`` (plus the manifest's fallback, always) of ``model`` ``version`` into
         ``models/<model>/<version>.partial/``, verify everything, commit the folder, switch
         ``current`` to it and keep the old current as ``previous``.
+
+        ``switch=False`` stops after the commit: ``current`` is left alone so the caller can
+        self-test the installed version first and switch with ``store.activate`` (ModelUpdater);
+        ``previous`` in the result is then the version that is still current.
 
         Uses the manifest from the last ``fetch_manifest`` of this version (fetched now if none).
         On any failure ``current`` is untouched and RegistryError says what failed; downloaded
@@ -451,10 +456,14 @@ class RegistryClient:
             installed = self.store.commit(model, version, todo.keys(), variants=[v.id for v in chosen],
                                           key_id=fetched.key_id, manifest_bytes=fetched.raw,
                                           signature=fetched.signature)
-            previous = self.store.activate(model, version)
-            self.store.prune(model)
+            if switch:
+                previous = self.store.activate(model, version)
+                self.store.prune(model)
+            else:
+                previous = self.store.current_version(model)
         log_event(logger, "registry.installed", model=model, version=version,
-                  variants=",".join(v.id for v in chosen), previous=previous or "", bytes=moved)
+                  variants=",".join(v.id for v in chosen), previous=previous or "", bytes=moved,
+                  switched=switch)
         return PullResult(installed=installed, previous=previous, variants=tuple(v.id for v in chosen),
                           downloaded_bytes=moved)
 

@@ -217,9 +217,12 @@ class Probe:
         """The short form for the MQTT status birth message."""
         return {
             "arch": self.cpu.arch,
+            "features": list(self.cpu.features),
             "int8_path": self.cpu.int8_path,
             "bf16": self.cpu.bf16,
-            "gpus": [{"name": g.name, "cc": g.compute_capability, "fp8": g.fp8} for g in self.nvidia.gpus],
+            "gpus": [{"name": g.name, "cc": g.compute_capability, "int8": g.int8, "fp8": g.fp8}
+                     for g in self.nvidia.gpus],
+            "jetson": self.nvidia.jetson.model if self.nvidia.jetson else None,
             "backends": [b.name for b in self.backends if b.installed and not b.error],
         }
 

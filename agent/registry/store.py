@@ -46,8 +46,20 @@ INSTALLED_FILE = "installed.json"
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.json.sig"
 
+#: per-model update bookkeeping (highest version activated, versions rejected); see ModelUpdater
+UPDATES_FILE = "updates.json"
+
 # versions and model names become path components: keep them boring
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key of a version string: dotted numeric parts compare as numbers (1.10 > 1.9).
+
+    The same rule ``edge-deploy publish`` uses to pick an index's ``latest``, so the agent and the
+    publisher agree on which of two versions is newer.
+    """
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.+-]", version))
 
 
 def check_name(kind: str, value: str) -> str:
@@ -374,6 +386,29 @@ class ModelStore:
             fsync_dir(d)
             log_event(logger, "registry.pruned", model=model, removed=",".join(sorted(removed)))
         return sorted(removed)
+
+    def update_state(self, model: str) -> dict[str, Any]:
+        """The model's update bookkeeping (``updates.json``): ``highest`` version ever activated and
+        ``rejected`` {version: reason}; empty when none was written yet."""
+        path = self.model_dir(model) / UPDATES_FILE
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"{path} is unreadable: {exc}; fix or delete it") from exc
+        if not isinstance(doc, dict):
+            raise RegistryError(f"{path} is not a JSON object; fix or delete it")
+        return doc
+
+    def write_update_state(self, model: str, doc: dict[str, Any]) -> None:
+        """Replace ``updates.json`` atomically (it decides what a later poll may install)."""
+        mdir = self.model_dir(model)
+        try:
+            mdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RegistryError(f"cannot create {mdir}: {exc}") from exc
+        write_atomic(mdir / UPDATES_FILE, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
 
     def status(self) -> dict[str, Any]:
         """{model: {"current": v, "previous": v, "versions": [...]}} for the CLI / status message."""
