@@ -104,6 +104,11 @@ class PipelineConfig(_Section):
     max_attempts: int = Field(3, ge=1, description="Attempts per inference job before it fails.")
     worker_memory_mb: int = Field(0, ge=0, description="Address-space limit of the worker (0: none).")
     threads: int = Field(0, ge=0, description="Inference threads (0: all cores).")
+    prefetch: bool = Field(
+        True,
+        description="Decode a series in the inference worker once it has been quiet for a quarter of "
+        "stable_age_s, so its job starts with the volume in memory (unused when an instance arrives after).",
+    )
 
 
 class ModelsConfig(_Section):

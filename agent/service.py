@@ -20,6 +20,7 @@ import datetime as _dt
 import logging
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -90,6 +91,8 @@ class Service:
         self.specs = list(self.models.values())
         self._stop = threading.Event()
         self._jobs_ready = threading.Event()
+        self._prefetch: queue.Queue[str] = queue.Queue()  # series uids offered for decoding ahead
+        self._prefetch_offered: dict[str, int] = {}  # series uid -> instance count when offered
         self._threads: list[threading.Thread] = []
         self._birth_seq = 0
         self.listener: DicomListener | None = None
@@ -252,6 +255,7 @@ class Service:
                         self.jobs.create(due.series_uid, due.study_uid, name, due.revision)
                     if due.models:
                         self._jobs_ready.set()
+                self._announce_prefetch()
                 self._mark_published()
                 if time.time() - last_janitor > 60:
                     last_janitor = time.time()
@@ -260,7 +264,33 @@ class Service:
                 log_event(log, "assembly.error", logging.ERROR, error=str(exc))
             except Exception:  # noqa: BLE001 - the loop must survive anything; logged with traceback
                 log.exception("assembly.crashed")
-            self._stop.wait(self.TICK_S)
+            self._stop.wait(self._assembly_wait_s())
+
+    def _announce_prefetch(self) -> None:
+        """Offer the job thread series a quarter of the way through their quiet period: decoding
+        them while the worker is idle takes the load stage off the path to the result (early
+        enough to finish before the series falls due even with a short ``stable_age_s``; a
+        prefetch wasted on a series that receives more instances costs idle CPU only)."""
+        if not self.cfg.pipeline.prefetch:
+            return
+        for uid, n in self.assembler.quiet_series(self.cfg.pipeline.stable_age_s / 4):
+            if self._prefetch_offered.get(uid) != n:
+                self._prefetch_offered[uid] = n
+                self._prefetch.put(uid)
+                self._jobs_ready.set()  # wakes the job thread, which prefetches when it has no job
+        if len(self._prefetch_offered) > 1000:  # bounded: only open series need remembering
+            self._prefetch_offered.clear()
+
+    def _assembly_wait_s(self) -> float:
+        """Sleep until the next tick, or sooner when a series falls due before it: a series is
+        handed to inference when its quiet period ends, not up to a tick later."""
+        try:
+            due_at = self.assembler.next_due_at()
+        except sqlite3.Error:
+            return self.TICK_S
+        if due_at is None:
+            return self.TICK_S
+        return min(self.TICK_S, max(0.0, due_at - time.time()))
 
     def _drain_instances(self) -> None:
         while True:
@@ -314,6 +344,8 @@ class Service:
         while not self._stop.is_set():
             job = self._job_jobs.claim_next()
             if job is None:
+                if self._prefetch_next():
+                    continue
                 self._jobs_ready.wait(1.0)
                 self._jobs_ready.clear()
                 continue
@@ -325,6 +357,21 @@ class Service:
                 log.exception("job.crashed")
                 self._job_failed(job.job_id, job.series_uid, job.model_name,
                                  f"internal error: {type(exc).__name__}: {exc}", "error")
+
+    def _prefetch_next(self) -> bool:
+        """Decode the most recently offered quiet series in the worker; False when none is waiting."""
+        latest = None
+        while True:  # only the newest offer matters: the worker keeps one prefetched series
+            try:
+                latest = self._prefetch.get_nowait()
+            except queue.Empty:
+                break
+        if latest is None or self.runner is None:
+            return False
+        instances = self.spool.instances_for_series(latest)
+        if instances:
+            self.runner.prefetch([inst.path for inst in instances])
+        return True
 
     def _run_job(self, job: Any) -> None:
         assert self.runner is not None

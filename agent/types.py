@@ -6,9 +6,10 @@ Nothing here holds patient identifiers; PHI stays in the DICOM files on the spoo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping, Union
+from typing import Literal
 
 import numpy as np
 
@@ -92,7 +93,7 @@ class ClassificationOutput:
     probabilities: Mapping[str, float]
 
 
-Outputs = Union[SegmentationOutput, ClassificationOutput]
+Outputs = SegmentationOutput | ClassificationOutput
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+
+import pytest
 
 from agent import db
 from agent.assembly import JobStore, SeriesAssembler, SeriesState
@@ -117,3 +120,17 @@ def test_job_retries_are_bounded_and_running_jobs_recover(tmp_path: Path) -> Non
     assert jobs.retry_or_fail(job.job_id, "boom again", max_attempts=3) == J.FAILED
     assert jobs.get(job.job_id).error == "boom again"
     assert jobs.series_done("s")
+
+
+def test_quiet_period_counts_from_arrival_and_next_due_is_known(tmp_path: Path) -> None:
+    clock = Clock()
+    asm = SeriesAssembler(db.connect(tmp_path / "s.db"), _specs(), stable_age_s=10, clock=clock)
+    assert asm.next_due_at() is None
+    late_drain = dataclasses.replace(_inst("9", 0), received_at=clock.t - 3.0)  # drained 3 s after arrival
+    asm.note_instance(late_drain)
+    assert asm.next_due_at() == pytest.approx(clock.t + 7.0)
+    clock.t += 7.01
+    assert [d.series_uid for d in asm.pop_due()] == ["9"]
+    assert asm.next_due_at() is None
+    asm.note_instance(_inst("10", 0))  # received_at unknown (0): counts from now
+    assert asm.next_due_at() == pytest.approx(clock.t + 10.0)

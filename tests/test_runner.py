@@ -302,3 +302,38 @@ def test_worker_exits_when_the_parent_is_killed(env: Env, tmp_path: Path) -> Non
     while _alive(worker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(worker), "orphaned worker still running"
+
+
+def test_prefetched_series_is_used_once_and_only_for_the_same_files(
+    runner: InferenceRunner, env: Env, tmp_path: Path
+) -> None:
+    import shutil
+
+    copies = []
+    for inst in env.series.instances:
+        copies.append(tmp_path / inst.path.name)
+        shutil.copy(inst.path, copies[-1])
+    series = series_of(copies)
+    assert runner.prefetch(copies)
+    for p in copies:
+        p.write_bytes(b"gone")  # from here on only the worker's prefetched volume has the pixels
+    first = runner.submit(seg_job(env, "job-prefetched", series=series))
+    assert_ok(first)
+    reference = runner.submit(seg_job(env, "job-reference"))
+    assert reference.prediction is not None and first.prediction is not None
+    assert first.prediction.outputs == reference.prediction.outputs  # same volume, same result
+    again = runner.submit(seg_job(env, "job-after", series=series))  # the prefetch was used up
+    assert again.kind == "error" and "not a readable DICOM file" in again.error
+
+    # a prefetch of other files (an instance arrived meanwhile) is not used for this list
+    for inst, p in zip(env.series.instances, copies, strict=True):
+        shutil.copy(inst.path, p)
+    assert runner.prefetch(copies[:-1])
+    assert_ok(runner.submit(seg_job(env, "job-full-list", series=series)))  # loaded from disk
+    # and a prefetch that fails is harmless: the job reports its own error, the worker stays
+    pid = runner.worker_pid
+    copies[0].write_bytes(b"not dicom")
+    assert not runner.prefetch(copies)
+    broken = runner.submit(seg_job(env, "job-broken", series=series))
+    assert broken.kind == "error" and "not a readable DICOM file" in broken.error
+    assert runner.worker_pid == pid

@@ -549,3 +549,79 @@ def test_enhanced_multiframe_gap_raises(tmp_path: Path) -> None:
     stored = np.zeros((3, 4, 4), np.int16)
     enhanced = make_enhanced(stored, [0.0, 2.0, 6.0], frame_order=[0, 1, 2], slope=1.0, intercept=0.0)
     _expect_volume_error(tmp_path, [enhanced], "gap of 4.000 mm")
+
+
+# --- the native pixel fast path ---------------------------------------------------------------
+
+
+def _native_ds(values: np.ndarray, allocated: int, stored: int, signed: bool, frames: int = 1) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Rows, ds.Columns = values.shape[-2:]
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, stored, stored - 1
+    ds.PixelRepresentation = int(signed)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = values.astype(f"<u{allocated // 8}").tobytes()
+    return ds
+
+
+@pytest.mark.parametrize(("allocated", "stored", "signed"),
+                         [(16, 12, False), (16, 12, True), (16, 16, True), (16, 16, False), (8, 8, False),
+                          (8, 6, True), (32, 32, True), (32, 20, False)])
+def test_native_fast_path_equals_pydicoms_decoder(allocated: int, stored: int, signed: bool) -> None:
+    from pydicom.pixels import get_decoder
+
+    from agent.imaging.volume import _native_pixels
+
+    rng = np.random.default_rng(allocated * 100 + stored)
+    # every bit pattern, high bits above BitsStored included (overlay garbage must be masked off)
+    values = rng.integers(0, 2**allocated, size=(3, 5, 7), dtype=np.uint64)
+    ds = _native_ds(values, allocated, stored, signed, frames=3)
+    ours = _native_pixels(ds, ExplicitVRLittleEndian)
+    assert ours is not None
+    theirs = get_decoder(ExplicitVRLittleEndian).as_array(ds)[0]
+    assert ours.dtype == theirs.dtype
+    np.testing.assert_array_equal(ours.reshape(theirs.shape), theirs)
+
+
+@pytest.mark.filterwarnings("ignore")  # several bundled files are deliberately non-conformant
+def test_native_fast_path_matches_pydicom_on_its_test_files() -> None:
+    from pydicom.data import DATA_ROOT
+    from pydicom.pixels import get_decoder
+
+    from agent.imaging.volume import _native_pixels
+
+    checked = 0
+    # the files bundled with pydicom (get_testdata_files() would also try to download others)
+    for path in sorted((Path(DATA_ROOT) / "test_files").rglob("*.dcm")):
+        try:
+            ds = pydicom.dcmread(path)
+            ts = str(ds.file_meta.TransferSyntaxUID)
+        except Exception:  # noqa: BLE001 - some bundled files are deliberately broken
+            continue
+        ours = _native_pixels(ds, ts)
+        if ours is None:
+            continue  # big endian, compressed, colour: left to pydicom
+        try:
+            theirs = get_decoder(ts).as_array(ds)[0]
+        except Exception:  # noqa: BLE001 - pydicom cannot decode it either (e.g. short pixel data)
+            continue
+        np.testing.assert_array_equal(ours.reshape(-1), theirs.reshape(-1), err_msg=str(path))
+        checked += 1
+    assert checked >= 8  # 9 of the bundled files are native monochrome (pydicom 3.x)
+
+
+def test_native_fast_path_declines_short_or_unusual_data() -> None:
+    from agent.imaging.volume import _native_pixels
+
+    ds = _native_ds(np.zeros((4, 4)), 16, 12, False)
+    ds.PixelData = ds.PixelData[:-2]  # truncated: pydicom's decoder reports it
+    assert _native_pixels(ds, ExplicitVRLittleEndian) is None
+    ds = _native_ds(np.zeros((4, 4)), 16, 12, False)
+    ds.BitsAllocated = 12
+    assert _native_pixels(ds, ExplicitVRLittleEndian) is None
+    assert _native_pixels(_native_ds(np.zeros((4, 4)), 16, 16, False), str(RLELossless)) is None

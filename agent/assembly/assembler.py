@@ -79,8 +79,15 @@ class SeriesAssembler:
         conn.executescript(SCHEMA)
 
     def note_instance(self, inst: Instance) -> bool:
-        """Record a newly stored instance; returns True when it re-opened a completed series."""
+        """Record a newly stored instance; returns True when it re-opened a completed series.
+
+        The quiet period counts from the instance's arrival (``received_at``, when set), not from
+        when this thread got to it: the service drains arrivals in ticks, and a series must not
+        wait a tick longer than ``stable_age_s``.
+        """
         now = self.clock()
+        if 0 < inst.received_at < now:
+            now = inst.received_at
         with transaction(self.conn) as c:
             row = c.execute(
                 "SELECT state, revision FROM series WHERE series_uid = ?", (inst.series_uid,)
@@ -142,6 +149,24 @@ class SeriesAssembler:
     def route(self, modality: str, body_part: str, description: str, n: int) -> tuple[str, ...]:
         """Names of the models whose routing rules accept a series with these attributes."""
         return tuple(s.name for s in self.specs if s.accepts(modality, body_part, description, n))
+
+    def quiet_series(self, quiet_s: float) -> list[tuple[str, int]]:
+        """Open series some model wants that have been quiet for ``quiet_s`` (not yet due), newest
+        first, as (series_uid, n_instances): candidates for decoding ahead of their job."""
+        rows = self.conn.execute(
+            "SELECT series_uid, modality, body_part, description, n_instances FROM series"
+            " WHERE state = ? AND last_instance_at <= ? ORDER BY last_instance_at DESC",
+            (SeriesState.OPEN.value, self.clock() - quiet_s),
+        ).fetchall()
+        return [(r["series_uid"], int(r["n_instances"])) for r in rows
+                if self.route(r["modality"], r["body_part"], r["description"], r["n_instances"])]
+
+    def next_due_at(self) -> float | None:
+        """When the earliest open series becomes due (clock seconds), or None when none is open."""
+        row = self.conn.execute(
+            "SELECT MIN(last_instance_at) AS t FROM series WHERE state = ?", (SeriesState.OPEN.value,)
+        ).fetchone()
+        return None if row is None or row["t"] is None else float(row["t"]) + self.stable_age_s
 
     def pop_due(self) -> list[DueSeries]:
         """Mark every series quiet for ``stable_age_s`` as complete (or unrouted) and return it."""

@@ -60,6 +60,13 @@ SHEAR_TOLERANCE = 0.1
 
 _ENHANCED_GROUPS = ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence")
 
+#: uncompressed little-endian syntaxes whose PixelData bytes are the pixel values as they are
+_NATIVE_LE = frozenset({
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian (inflated when read)
+})
+
 
 def read_datasets(paths: Sequence[Path]) -> list[pydicom.Dataset]:
     """Read DICOM files (with pixel data) in the given order.
@@ -291,6 +298,33 @@ def _frames_of(ds_index: int, ds: pydicom.Dataset) -> list[_Frame]:
     return frames
 
 
+def _native_pixels(ds: pydicom.Dataset, transfer_syntax: str) -> np.ndarray | None:
+    """The stored values of an uncompressed little-endian monochrome instance, straight from
+    its PixelData bytes: what pydicom's native decoder returns (values masked to BitsStored,
+    signed ones sign-extended; a test holds the two equal) at a tenth of its cost, which is a
+    third of loading a 512x512 CT series. None for anything else: pydicom decodes those.
+    """
+    if transfer_syntax not in _NATIVE_LE or "PixelData" not in ds:
+        return None
+    try:
+        allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+        signed = int(ds.PixelRepresentation) == 1
+        count = int(ds.get("NumberOfFrames", 1) or 1) * int(ds.Rows) * int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        return None  # pydicom's decoder names what is missing
+    if allocated not in (8, 16, 32) or not 1 <= stored <= allocated or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        return None
+    raw = ds.PixelData
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    if not isinstance(raw, bytes | bytearray) or len(raw) < count * dtype.itemsize:
+        return None
+    values = np.frombuffer(raw, dtype=dtype, count=count)
+    unused = allocated - stored
+    if unused:
+        values = (values << unused) >> unused if signed else values & ((1 << stored) - 1)
+    return values
+
+
 def _decode(series_uid: str, ds: pydicom.Dataset) -> np.ndarray:
     """Stored pixel values of every frame of ``ds`` as (frames, rows, cols).
 
@@ -313,10 +347,14 @@ def _decode(series_uid: str, ds: pydicom.Dataset) -> np.ndarray:
                 f"series {series_uid}: instance {sop_uid}: transfer syntax {ts} ({ts.name}) needs a "
                 "decoder plugin that is not installed (pylibjpeg-openjpeg, pylibjpeg-rle, python-gdcm)"
             )
+    native = _native_pixels(ds, str(ts or ""))
     try:
         # The decoder directly rather than ``ds.pixel_array``, which would keep a cached copy
         # of every slice alive on the datasets for as long as the caller holds them.
-        pixels = decoder.as_array(ds)[0] if decoder is not None else ds.pixel_array
+        if native is not None:
+            pixels = native
+        else:
+            pixels = decoder.as_array(ds)[0] if decoder is not None else ds.pixel_array
     except NotImplementedError as exc:
         raise UnsupportedDicomError(
             f"series {series_uid}: instance {sop_uid}: pixel data in a form pydicom cannot decode"

@@ -32,7 +32,7 @@ from agent.imaging.sliding_window import sliding_window_inference
 from agent.imaging.volume import load_series
 from agent.inference.base import Backend
 from agent.modelspec import ModelSpec
-from agent.types import ModelRef, Outputs, Prediction
+from agent.types import ModelRef, Outputs, Prediction, Volume
 
 
 class ModelRun(NamedTuple):
@@ -55,14 +55,16 @@ def run_model(
     model_ref: ModelRef,
     *,
     sw_batch_size: int = 1,
+    volume: Volume | None = None,
 ) -> Prediction:
     """Run one series (its DICOM files) through a loaded backend; return the ``Prediction``.
 
+    ``volume``: the series already decoded from ``series_paths``, if it was prefetched.
     Raises VolumeError / PreprocessError (from imaging) for series the model cannot take, and
     BackendError when the backend fails or its outputs are non-finite or of the wrong shape.
     """
     return run_model_detailed(
-        series_paths, spec, backend, model_ref, sw_batch_size=sw_batch_size, want_label_map=False
+        series_paths, spec, backend, model_ref, sw_batch_size=sw_batch_size, want_label_map=False, volume=volume
     ).prediction
 
 
@@ -74,12 +76,14 @@ def run_model_detailed(
     *,
     sw_batch_size: int = 1,
     want_label_map: bool = True,
+    volume: Volume | None = None,
 ) -> ModelRun:
     """Like ``run_model``, also returning the label map and logits (see ``ModelRun``).
 
     ``sw_batch_size``: patches per backend call in the 3D sliding window. ``want_label_map=False``
     skips restoring the source-grid label map (``label_map`` is then None; the statistics do
-    not need it).
+    not need it). ``volume``: the series already decoded from ``series_paths`` (a prefetch); the
+    load stage then costs nothing.
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -90,7 +94,8 @@ def run_model_detailed(
         timings[stage] = round((now - clock) * 1000.0, 1)
         clock = now
 
-    volume = load_series(list(series_paths))
+    if volume is None:
+        volume = load_series(list(series_paths))
     lap("load")
     prepared = prepare(volume, spec.input)
     image = np.asarray(prepared.array, dtype=np.float32)

@@ -61,7 +61,7 @@ import pickle
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
@@ -402,6 +402,21 @@ class InferenceRunner:
             _, kind, output, load_ms, latency_ms, version, precision, error = reply
             return TrialOutcome(kind, output, load_ms, latency_ms, version, precision, error)
 
+    def prefetch(self, paths: Sequence[Path], timeout_s: float | None = None) -> bool:
+        """Have the worker decode the series ``paths`` now, while nothing else runs, so the job on
+        the same files starts with the volume in memory. True when the worker holds it; a failure
+        here is logged and harmless (the job loads the series itself and reports its own error)."""
+        files = tuple(str(Path(p).absolute()) for p in paths)
+        with self._job_lock:
+            t0 = time.monotonic()
+            reply = self._exchange(("prefetch", files, ""), timeout_s or self.job_timeout_s, "prefetch")
+        ok = not isinstance(reply, JobOutcome) and reply[1] == "ok"
+        error = reply.error if isinstance(reply, JobOutcome) else str(reply[3])
+        log_event(logger, "runner.prefetched" if ok else "runner.prefetch_failed",
+                  logging.DEBUG if ok else logging.WARNING, instances=len(files),
+                  ms=round((time.monotonic() - t0) * 1000, 1), error=error or "-")
+        return ok
+
     def _send(self, msg: tuple[Any, ...]) -> tuple[BaseProcess, Connection] | JobOutcome:
         """Hand ``msg`` to a live worker (starting one if needed); the worker and its pipe, or the
         outcome that ends the job before it started."""
@@ -552,7 +567,12 @@ def _worker_main(
             return  # the parent is gone
         if not isinstance(msg, tuple) or not msg or msg[0] == "stop":
             return
-        reply = worker.trial(msg[1]) if msg[0] == "trial" else worker.run(msg[1], msg[2])
+        if msg[0] == "trial":
+            reply = worker.trial(msg[1])
+        elif msg[0] == "prefetch":
+            reply = worker.prefetch(msg[1])
+        else:
+            reply = worker.run(msg[1], msg[2])
         try:
             conn.send(reply)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
@@ -590,6 +610,8 @@ class _Worker:
         self.fault_injection = fault_injection
         #: (model name, backend, precision, variant) -> (fingerprint, spec, backend)
         self._models: dict[tuple[str, str, str, str], tuple[tuple[Any, ...], ModelSpec, Backend]] = {}
+        #: the one prefetched series: its exact file list and the decoded Volume (see prefetch)
+        self._prefetched: tuple[tuple[str, ...], Any] | None = None
 
     def run(self, job: InferenceJob, fault: str) -> tuple[Any, ...]:
         """Run one job; returns ``("done", kind, prediction, error, failure, shadow)``. Never raises."""
@@ -600,11 +622,13 @@ class _Worker:
             if self.fault_injection and _fault_applies(fault, job):
                 backend = _FaultyBackend(backend, fault.partition("@")[0], self.memory_limit_mb)
             paths = [inst.path for inst in job.series.instances]
+            volume = self._take_prefetched(paths)
             if job.shadow is None:
-                prediction = self._pipeline.run_model(paths, spec, backend, ref)
+                prediction = self._pipeline.run_model(paths, spec, backend, ref, volume=volume)
                 return ("done", "ok", prediction, "", "", None)
-            run = self._pipeline.run_model_detailed(paths, spec, backend, ref)
-            return ("done", "ok", run.prediction, "", "", self._shadow(job, spec, paths, run.logits))
+            run = self._pipeline.run_model_detailed(paths, spec, backend, ref, volume=volume)
+            return ("done", "ok", run.prediction, "", "",
+                    self._shadow(job, spec, paths, run.logits, volume))
         except MemoryError as exc:
             return ("done", "oom", None, f"out of memory (worker limit {self.memory_limit_mb or 'none'} MB): "
                     f"{exc or 'allocation failed'}", "", None)
@@ -617,7 +641,30 @@ class _Worker:
             logger.exception("worker.job_failed")
             return ("done", "error", None, f"internal error: {type(exc).__name__}: {exc}", "model", None)
 
-    def _shadow(self, job: InferenceJob, spec: ModelSpec, paths: list[Path], logits: np.ndarray) -> ShadowOutcome:
+    def prefetch(self, paths: Sequence[str]) -> tuple[Any, ...]:
+        """Decode the series made of ``paths`` and keep it for the next job on exactly these files
+        (spooled files never change, so the same list means the same volume). One series is kept;
+        a newer prefetch replaces it. Returns ``("done", kind, None, error)``."""
+        self._prefetched = None  # free the previous one before decoding the next
+        try:
+            from agent.imaging.volume import load_series
+
+            self._prefetched = (tuple(str(p) for p in paths), load_series([Path(p) for p in paths]))
+        except (EdgeAgentError, MemoryError) as exc:
+            # not a job failure: the job decodes the series itself and reports its own error
+            return ("done", "error", None, f"{type(exc).__name__}: {exc}")
+        return ("done", "ok", None, "")
+
+    def _take_prefetched(self, paths: Sequence[Path]) -> Any:
+        """The prefetched Volume when it was decoded from exactly ``paths``, else None (and dropped
+        either way: a job consumes it)."""
+        held, self._prefetched = self._prefetched, None
+        if held is not None and held[0] == tuple(str(p) for p in paths):
+            return held[1]
+        return None
+
+    def _shadow(self, job: InferenceJob, spec: ModelSpec, paths: list[Path], logits: np.ndarray,
+                volume: Any = None) -> ShadowOutcome:
         """Run the job's shadow model on the same series; agreement of the two outputs."""
         assert job.shadow is not None
         shadow = replace(job, variant_file=job.shadow.variant_file, backend=job.shadow.backend,
@@ -626,7 +673,8 @@ class _Worker:
         name = shadow.variant or shadow.precision
         try:
             _, backend = self._model(shadow, job)
-            run = self._pipeline.run_model_detailed(paths, spec, backend, _model_ref(spec, shadow, backend.describe()))
+            run = self._pipeline.run_model_detailed(paths, spec, backend, _model_ref(spec, shadow, backend.describe()),
+                                                    volume=volume)
         except (EdgeAgentError, MemoryError) as exc:
             log_event(logger, "worker.shadow_failed", logging.WARNING, job_id=job.job_id, variant=name, error=str(exc))
             return ShadowOutcome(name, None, f"{type(exc).__name__}: {exc}")
