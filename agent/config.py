@@ -96,6 +96,9 @@ class StorageConfig(_Section):
     unrouted_retention_h: float = Field(
         24, gt=0, description="Age out series no model wants after this many hours."
     )
+    janitor_interval_s: float = Field(
+        60, gt=0, description="How often spooled series past their retention are deleted."
+    )
 
 
 class PipelineConfig(_Section):

@@ -257,7 +257,7 @@ class Service:
                         self._jobs_ready.set()
                 self._announce_prefetch()
                 self._mark_published()
-                if time.time() - last_janitor > 60:
+                if time.time() - last_janitor > self.cfg.storage.janitor_interval_s:
                     last_janitor = time.time()
                     self._janitor()
             except EdgeAgentError as exc:

@@ -211,3 +211,39 @@ def test_association_rules_free_space_floor_and_echo(tmp_path: Path, mosquitto: 
     assert any("association" in k for k in kinds), kinds
     assert any(json.loads(p).get("fields", {}).get("status") in (0xA700, "0xA700", "A700") or "space" in
                json.loads(p)["message"].lower() for _, p in got), kinds
+
+
+def test_spool_ages_out_unrouted_and_published_series(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    # retention shrunk to seconds: an unrouted series (no model reads knees) goes after ~1 s, a
+    # published one after ~2.6 s (Service._janitor; the assembler's part is in test_assembly)
+    collector = ResultCollector(mosquitto.port, "edge/+/results")
+    agent = AgentProcess(tmp_path, mosquitto.port, stable_age_s=0.5)
+    cfg = agent.config.read_text().replace(
+        "min_free_mb = 50\n",
+        "min_free_mb = 50\nunrouted_retention_h = 0.0003\nretention_days = 0.00003\njanitor_interval_s = 0.5\n")
+    agent.config.write_text(cfg)
+    brain, _ = _mr_series(tmp_path, 7)
+    knee_dir = tmp_path / "knee"
+    knee_dir.mkdir()
+    for f in sorted(brain.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.BodyPartExamined = "KNEE"
+        ds.SeriesInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.save_as(knee_dir / f.name, enforce_file_format=True)
+    spool = agent.state / "spool"
+    agent.start()
+    try:
+        assert storescu(agent.dicom_port, sorted(knee_dir.glob("*.dcm"))).returncode == 0
+        assert storescu(agent.dicom_port, sorted(brain.glob("*.dcm"))).returncode == 0
+        assert len(_wait_results(collector, 1, timeout=120)) == 1
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and list(spool.rglob("*.dcm")):
+            time.sleep(0.2)
+        left = list(spool.rglob("*.dcm"))
+    finally:
+        agent.stop()
+        collector.close()
+    log = agent.log_text()
+    assert left == [], log[-3000:]
+    assert "event=spool.aged_out" in log and "reason=unrouted" in log and "reason=retention" in log
