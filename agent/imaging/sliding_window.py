@@ -126,12 +126,14 @@ def sliding_window_inference(
             raise BackendError(f"model returned {logits.shape[1]} channels, earlier {out.shape[0]}")
         if not np.isfinite(logits).all():
             raise BackendError("model returned non-finite logits")
+        logits = logits.astype(np.float32, copy=False)
+        if not (logits.flags.writeable and logits.flags.owndata):
+            logits = logits.copy()  # weighted in place below: never write into the caller's buffer
         # Accumulate patch by patch in raster order: the float sums, hence the result, do not
         # depend on how the patches were batched.
         for (z, y, x), patch_logits in zip(batch_starts, logits, strict=True):
-            out[:, z : z + patch[0], y : y + patch[1], x : x + patch[2]] += (
-                patch_logits.astype(np.float32, copy=False) * weights_patch
-            )
+            np.multiply(patch_logits, weights_patch, out=patch_logits)  # no 12 MB temporary per patch
+            out[:, z : z + patch[0], y : y + patch[1], x : x + patch[2]] += patch_logits
 
     if out is None:  # unreachable: patch_starts never returns an empty list
         raise PreprocessError("no patches to run")
