@@ -189,10 +189,8 @@ class RegistryServer(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/"
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RegistryServer]:
-    root = tmp_path / "registry"
-    root.mkdir()
+def serve(root: Path) -> Iterator[RegistryServer]:
+    """Serve ``root`` over HTTP on a loopback port until the generator is closed."""
     srv = RegistryServer(root)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -200,6 +198,13 @@ def server(tmp_path: Path) -> Iterator[RegistryServer]:
     srv.shutdown()
     srv.server_close()
     thread.join(5)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RegistryServer]:
+    root = tmp_path / "registry"
+    root.mkdir()
+    yield from serve(root)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_pull import RegistryServer
+from test_pull import RegistryServer, serve
 
 from agent.config import Config, RegistryConfig
 from agent.errors import ActivationError, RegistryError
@@ -177,13 +176,7 @@ def serve_copy(tmp_path: Path, built: Built) -> Iterator[RegistryServer]:
     """A copy of the built registry (tests modify it) served over HTTP on a loopback port."""
     root = tmp_path / "registry"
     shutil.copytree(built.registry, root)
-    srv = RegistryServer(root)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(5)
+    yield from serve(root)
 
 
 @dataclass

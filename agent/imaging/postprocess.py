@@ -63,14 +63,22 @@ def segmentation_outputs(
     if len(labels) > 256:
         raise ModelSpecError(f"{len(labels)} labels do not fit a uint8 label map")
     filtered = keep_largest_components(label_map, len(labels)) if keep_largest else label_map.astype(np.uint8)
-    boxes = ndimage.find_objects(filtered, max_label=len(labels) - 1)
-    counts = np.bincount(filtered.ravel(), minlength=len(labels))
+    per_label = label_counts_and_boxes(filtered, len(labels))
+    return segmentation_output_from_counts(labels, per_label, spacing), filtered
+
+
+def label_counts_and_boxes(label_map: np.ndarray, n_labels: int) -> list[tuple[int, tuple[int, ...]]]:
+    """Per label value ``1..n_labels-1`` of a uint8 label map: its voxel count and end-exclusive
+    bbox ``(z0, y0, x0, z1, y1, x1)`` (``()`` when absent), from one bincount and one
+    ``find_objects`` pass."""
+    boxes = ndimage.find_objects(label_map, max_label=n_labels - 1)
+    counts = np.bincount(label_map.ravel(), minlength=n_labels)
     per_label: list[tuple[int, tuple[int, ...]]] = []
-    for value in range(1, len(labels)):
+    for value in range(1, n_labels):
         box = boxes[value - 1] if value - 1 < len(boxes) else None
         bbox = tuple(int(s.start) for s in box) + tuple(int(s.stop) for s in box) if box else ()
         per_label.append((int(counts[value]), bbox))
-    return segmentation_output_from_counts(labels, per_label, spacing), filtered
+    return per_label
 
 
 def segmentation_output_from_counts(

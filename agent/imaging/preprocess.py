@@ -36,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from agent.errors import PreprocessError
+from agent.imaging.postprocess import label_counts_and_boxes
 from agent.modelspec import InputSpec
 from agent.types import Volume
 
@@ -164,13 +165,7 @@ def restore_label_map(label_map_model_space: np.ndarray, geometry: Geometry) -> 
     if labels.size and (int(labels.min()) < 0 or int(labels.max()) > 255):
         raise PreprocessError(f"label values must be in 0..255, got {int(labels.min())}..{int(labels.max())}")
 
-    grid_shape = geometry.canonical_shape[3 - geometry.dims :]
-    # Nearest model-space voxel of every canonical voxel c: o = (c + 0.5) * out / n - 0.5, rounded
-    # half up = floor((c + 0.5) * out / n), in exact integer arithmetic (no .5 rounding drift).
-    index = [
-        np.minimum(((2 * np.arange(n, dtype=np.int64) + 1) * o) // (2 * n), o - 1)
-        for n, o in zip(grid_shape, geometry.resampled_shape, strict=True)
-    ]
+    index = _nearest_model_indices(geometry.canonical_shape[3 - geometry.dims :], geometry.resampled_shape)
     restored = labels.astype(np.uint8, copy=False)[np.ix_(*index)]
     if geometry.dims == 2:
         full = np.zeros(geometry.canonical_shape, dtype=np.uint8)
@@ -193,23 +188,14 @@ def source_grid_label_stats(
     index arrays. A 512x512x300 CT restored then scanned costs about 0.5 s; this costs a few ms
     on the model-space grid (a test holds the two equal).
     """
-    if geometry.dims != 3:
-        restored = restore_label_map(label_map_model_space, geometry)
-        boxes = ndimage.find_objects(restored, max_label=n_labels - 1)
-        counts = np.bincount(restored.ravel(), minlength=n_labels)
-        return [
-            (int(counts[v]), _box_tuple(boxes[v - 1]) if v - 1 < len(boxes) and boxes[v - 1] else ())
-            for v in range(1, n_labels)
-        ]
+    if geometry.dims != 3:  # a 2D model fills one source slice: restoring it is cheap
+        return label_counts_and_boxes(restore_label_map(label_map_model_space, geometry), n_labels)
     labels = np.asarray(label_map_model_space)
     if tuple(labels.shape) != tuple(geometry.resampled_shape):
         raise PreprocessError(
             f"label map shape {labels.shape} does not match the model-space shape {geometry.resampled_shape}"
         )
-    index = [
-        np.minimum(((2 * np.arange(n, dtype=np.int64) + 1) * o) // (2 * n), o - 1)
-        for n, o in zip(geometry.canonical_shape, geometry.resampled_shape, strict=True)
-    ]
+    index = _nearest_model_indices(geometry.canonical_shape, geometry.resampled_shape)
     reps = [np.bincount(ix, minlength=o) for ix, o in zip(index, geometry.resampled_shape, strict=True)]
     first = [np.cumsum(r) - r for r in reps]  # first canonical voxel of each model index
     sampled = [np.flatnonzero(r) for r in reps]  # model indices some canonical voxel maps to
@@ -237,8 +223,17 @@ def source_grid_label_stats(
     return out
 
 
-def _box_tuple(box: tuple[slice, ...]) -> tuple[int, ...]:
-    return tuple(int(s.start) for s in box) + tuple(int(s.stop) for s in box)
+def _nearest_model_indices(grid_shape: Sequence[int], model_shape: Sequence[int]) -> list[np.ndarray]:
+    """Per axis, the model-space index nearest to each source-grid index.
+
+    With the voxel-edge alignment :func:`prepare` uses, source voxel c maps to
+    o = (c + 0.5) * out / n - 0.5, rounded half up = floor((c + 0.5) * out / n), computed in exact
+    integer arithmetic (no .5 rounding drift).
+    """
+    return [
+        np.minimum(((2 * np.arange(n, dtype=np.int64) + 1) * o) // (2 * n), o - 1)
+        for n, o in zip(grid_shape, model_shape, strict=True)
+    ]
 
 
 # --- orientation ------------------------------------------------------------------------------

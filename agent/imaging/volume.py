@@ -334,8 +334,9 @@ def _decode(series_uid: str, ds: pydicom.Dataset) -> np.ndarray:
     """
     sop_uid = str(ds.get("SOPInstanceUID", ""))
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    native = _native_pixels(ds, str(ts or ""))
     decoder = None
-    if ts is not None:
+    if native is None and ts is not None:  # the fast path needs no decoder (and no lookup)
         try:
             decoder = get_decoder(ts)
         except NotImplementedError as exc:
@@ -347,7 +348,6 @@ def _decode(series_uid: str, ds: pydicom.Dataset) -> np.ndarray:
                 f"series {series_uid}: instance {sop_uid}: transfer syntax {ts} ({ts.name}) needs a "
                 "decoder plugin that is not installed (pylibjpeg-openjpeg, pylibjpeg-rle, python-gdcm)"
             )
-    native = _native_pixels(ds, str(ts or ""))
     try:
         # The decoder directly rather than ``ds.pixel_array``, which would keep a cached copy
         # of every slice alive on the datasets for as long as the caller holds them.
