@@ -7,13 +7,17 @@
   does, because the next ``infer`` overwrites it) versus shared with the caller
   (``share_inputs``/``share_outputs``); and one LATENCY stream with 2 threads versus a
   THROUGHPUT compile with 2 streams (2 patches in flight).
+* The agent's OpenVINO backend with its static compilation for the expected input shape (the
+  default) versus one dynamic-batch compilation (``static_shape=False``, what it did before):
+  OpenVINO INT8 on one MR slice, and on one CT patch and a full CT volume.
 
 Every configuration is timed in interleaved rounds and keeps its best round, so load drift on a
 shared machine hits all of them alike. Needs the OpenVINO extra and a CT build folder
 (``edge-deploy build models/ct-abdomen-seg ...``, default ``build/deploy/ct-abdomen-seg``) for
-the INT8 model::
+the INT8 model (and an MR build for the MR INT8 model)::
 
-    .venv/bin/python bench/backend_options.py [--rounds 8] [--ct-build build/deploy/ct-abdomen-seg]
+    .venv/bin/python bench/backend_options.py [--rounds 8] [--ct-build build/deploy/ct-abdomen-seg] \
+        [--mr-build build/deploy/mr-brain-cls]
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--ct-build", type=Path, default=REPO / "build" / "deploy" / "ct-abdomen-seg")
+    ap.add_argument("--mr-build", type=Path, default=REPO / "build" / "deploy" / "mr-brain-cls")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     out: dict[str, object] = {"machine": machine_line()}
@@ -113,6 +118,26 @@ def main() -> None:
         out["ct_ov_int8_patch_ms"] = per_call
     else:
         out["ct_ov_int8_patch_ms"] = f"skipped: {int8} not found (run edge-deploy build first)"
+
+    mr_int8 = args.mr_build / "model.int8-u8s8.qdq.onnx"
+    if mr_int8.is_file() and int8.is_file():
+        from agent.inference import registry
+
+        def agent_ov(path: Path, shape: tuple[int, ...], static: bool) -> Callable[[np.ndarray], np.ndarray]:
+            backend = registry.create("openvino")
+            backend.load(path, precision="int8", threads=2, options={"warmup_shape": shape, "static_shape": static})
+            return backend.run
+
+        mr_ov = {f"static_shape={s}": agent_ov(mr_int8, mr.shape, s) for s in (True, False)}
+        out["mr_ov_int8_slice_ms"] = best_ms({k: (lambda f=f: f(mr)) for k, f in mr_ov.items()}, args.rounds, 200)
+        ct_ov = {f"static_shape={s}": agent_ov(int8, (1, 1, 64, 96, 96), s) for s in (True, False)}
+        out["ct_ov_int8_patch_agent_ms"] = best_ms(
+            {k: (lambda f=f: f(patch)) for k, f in ct_ov.items()}, args.rounds, 5)
+        out["ct_ov_int8_volume_ms"] = best_ms(
+            {k: (lambda f=f: sliding_window_inference(ct, (64, 96, 96), 0.25, f)) for k, f in ct_ov.items()},
+            args.rounds, 1)
+    else:
+        out["ov_static_shape"] = f"skipped: {mr_int8} or {int8} not found (run edge-deploy build first)"
     print(json.dumps(out, indent=2))
 
 

@@ -103,8 +103,8 @@ class QuantConfig:
     calibration_seed: int = 200001
     validation_seed: int = 300001
     calibration_samples: int = 240
-    calibration_volumes: int = 20
-    patches_per_volume: int = 3
+    calibration_volumes: int = 25
+    patches_per_volume: int = 4
     validation_samples: int = 480
     validation_volumes: int = 6
     variants: tuple[str, ...] = ()

@@ -23,6 +23,7 @@ STAGES = (
     "deploy.bench",
     "deploy.sign",
     "deploy.publish",
+    "deploy.verify",
     "deploy.build",
 )
 

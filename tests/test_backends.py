@@ -121,6 +121,29 @@ def test_openvino_makes_a_static_batch_dynamic(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("openvino_installed")
+def test_openvino_compiles_the_warmup_shape_statically_and_other_shapes_once(
+    seg_onnx: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent.inference.backends.openvino")
+    backend = loaded("openvino", seg_onnx, warmup_shape=(1, 1, 8, 16, 16))
+    rng = np.random.default_rng(2)
+    shapes = [(1, 1, 8, 16, 16), (2, 1, 8, 16, 16), (1, 1, 8, 16, 16), (1, 1, 12, 16, 8), (4, 1, 8, 16, 16)]
+    for shape in shapes:  # static, dynamic, static again, other spatial size, other batch
+        x = rng.random(shape, dtype=np.float32)
+        np.testing.assert_allclose(backend.run(x), _reference_seg(x), atol=1e-5)
+    compiled = [r for r in caplog.records if r.getMessage() == "backend.dynamic_compiled"]
+    assert len(compiled) == 1  # one dynamic compilation serves every other shape
+    assert compiled[0].ea_fields["static_shape"] == (1, 1, 8, 16, 16)  # type: ignore[attr-defined]
+
+    # static_shape=False: one dynamic compilation from the start, same results
+    caplog.clear()
+    dynamic = loaded("openvino", seg_onnx, warmup_shape=(1, 1, 8, 16, 16), static_shape=False)
+    x = rng.random((3, 1, 8, 16, 16), dtype=np.float32)
+    np.testing.assert_allclose(dynamic.run(x), backend.run(x), atol=1e-6)
+    assert not [r for r in caplog.records if r.getMessage() == "backend.dynamic_compiled"]
+
+
+@pytest.mark.usefixtures("openvino_installed")
 def test_openvino_int8_request_reports_float_parts(cls_onnx: Path) -> None:
     # a float graph asked for as "int8" (what an INT8 QDQ variant's float ops run in): the float
     # parts are pinned to f32, so it reports plain "int8"

@@ -21,6 +21,7 @@ import pytest
 
 from agent.errors import RegistryError
 from agent.manifest import verify_file, verify_index, verify_manifest
+from agent.modelspec import load_spec
 from deploy.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,9 +34,9 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return d / "signing.key", d / "signing.pub"
 
 
-def _verified(registry: Path, name: str, pub: bytes) -> object:
+def _verified(registry: Path, name: str, pub: bytes, version: str = "1.0.0") -> object:
     """Verify a published version as an agent would; return its Manifest."""
-    vdir = registry / name / "1.0.0"
+    vdir = registry / name / version
     manifest = verify_manifest((vdir / "manifest.json").read_bytes(), (vdir / "manifest.json.sig").read_bytes(), [pub])
     for v in manifest.variants:
         verify_file(vdir / v.file, v.sha256, v.size)
@@ -79,6 +80,7 @@ def test_broken_calibration_fails_the_gate_and_is_not_published(broken: dict[str
     vdir = registry / "mr-brain-cls" / "1.0.0"
     assert not list(vdir.glob("*.qdq.onnx"))  # no failed variant's file reached the registry
     assert set(manifest.validation["failed_variants"]) == {"ort-int8-u8s8", "trt-int8"}  # type: ignore[attr-defined]
+    assert cli(["verify", str(registry), "--pub", str(keys[1])]) == 0  # what was published is sound
 
     # the benchmark report exists and says which threshold failed, by how much
     report = (build / "bench" / "report.md").read_text()
@@ -112,12 +114,14 @@ def test_fast_build_of_the_real_classifier(tmp_path: Path, keys: tuple[Path, Pat
               "--build", str(tmp_path / "build"), "--samples", "16", "--val-n", "40", "--skip-bench",
               "--variants", "fp32,ort-int8-u8s8,ort-int8-s8s8,ov-int8"])
     assert rc == 0
-    manifest = _verified(registry, "mr-brain-cls", keys[1].read_bytes())
+    version = load_spec(REPO / "models" / "mr-brain-cls").version
+    manifest = _verified(registry, "mr-brain-cls", keys[1].read_bytes(), version)
     variants = {v.id: v for v in manifest.variants}  # type: ignore[attr-defined]
     assert set(variants) == {"fp32", "ort-int8-u8s8", "ort-int8-s8s8", "ov-int8"}
     assert all(v.selftest is not None and v.bench is None for v in variants.values())
     assert variants["ort-int8-u8s8"].execution_precision == "int8"
     assert manifest.fallback == "fp32"  # type: ignore[attr-defined]
+    assert cli(["verify", str(registry), "--pub", str(keys[1])]) == 0
 
 
 def test_3d_report_splits_the_full_volume_time() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
     model_dir.mkdir(parents=True)
     make_conv_classifier(model_dir / "model.onnx")
     toml = (REPO / "models/mr-brain-cls/model.toml").read_text().replace('name = "mr-brain-cls"', f'name = "{MODEL}"')
+    toml = re.sub(r'(?m)^version = ".*"$', 'version = "1.0.0"', toml)  # whatever the real model's version
     (model_dir / "model.toml").write_text(toml)
     assert deploy_main(["keygen", "--out", str(root / "keys")]) == 0
     reg, build = root / "registry", root / "build"

@@ -95,7 +95,8 @@ class _Linear:
 def test_batch_invariance() -> None:
     x = np.random.default_rng(1).normal(size=(8, 1, 4, 4)).astype(np.float32)
     good, out1 = batch_invariance(_Linear(0.0), x, "classification")
-    assert good["passed"] and good["max_abs_diff"] == 0.0 and out1.shape == (8, 4)
+    # float32 matmul may round differently per batch size (BLAS kernels differ by shape): tiny diffs
+    assert good["passed"] and good["max_abs_diff"] < 1e-5 and out1.shape == (8, 4)
     bad, _ = batch_invariance(_Linear(5.0), x, "classification")
     assert not bad["passed"] and bad["max_abs_diff"] > 1.0
 
@@ -106,14 +107,16 @@ def test_batch_invariance() -> None:
 
 
 def tiny_model_dir(root: Path) -> Path:
-    """An MR classification model folder: the real mr-brain-cls model.toml at a 16x16 input, with
-    the tiny classifier of test_quantize as model.onnx."""
+    """An MR classification model folder: the real mr-brain-cls model.toml at a 16x16 input and
+    version 1.0.0 (whatever the real model's version), with the tiny classifier of test_quantize
+    as model.onnx."""
     from test_quantize import tiny_classifier
 
     d = root / "tiny-mr"
     d.mkdir()
     toml = (REPO / "models" / "mr-brain-cls" / "model.toml").read_text()
     toml = re.sub(r"(?m)^target_size = .*$", "target_size = [16, 16]", toml)
+    toml = re.sub(r'(?m)^version = ".*"$', 'version = "1.0.0"', toml)
     (d / "model.toml").write_text(toml)
     tiny_classifier(d / "model.onnx")
     return d

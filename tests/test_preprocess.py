@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -483,6 +483,45 @@ def test_sliding_window_pads_volumes_smaller_than_the_patch() -> None:
     np.testing.assert_array_equal(first[:2], image.min())
     np.testing.assert_array_equal(first[5:], image.min())
     np.testing.assert_array_equal(first[2:5, :, 1:6], image[0, :, :8, :])
+
+
+def test_sliding_window_reads_a_reused_backend_buffer_without_writing_it() -> None:
+    # Backends may hand back their own output buffer, overwritten by the next call (OpenVINO's
+    # shared outputs): each patch must be consumed before the next call and never written to.
+    image = np.random.default_rng(3).normal(size=(1, 13, 21, 18)).astype(np.float32)
+    shared = np.empty((1, 2, 6, 8, 8), dtype=np.float32)
+    snapshots: list[np.ndarray] = []
+
+    def reusing_backend(batch: np.ndarray) -> np.ndarray:
+        if snapshots:  # what was handed out last time is unchanged by the blending
+            np.testing.assert_array_equal(shared, snapshots[-1])
+        shared.setflags(write=True)
+        shared[...] = _linear(batch)
+        shared.setflags(write=False)  # a write by the sliding window would raise
+        snapshots.append(shared.copy())
+        return shared
+
+    out = sliding_window_inference(image, (6, 8, 8), 0.5, reusing_backend)
+    fresh = sliding_window_inference(image, (6, 8, 8), 0.5, _linear)
+    assert len(snapshots) > 8
+    np.testing.assert_array_equal(out, fresh)
+    np.testing.assert_allclose(out, _linear(image[None])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_reports_non_finite_logits_from_any_patch() -> None:
+    image = np.zeros((1, 12, 16, 16), np.float32)
+    for bad_call, value in ((0, np.nan), (3, np.inf), (7, -np.inf)):
+        calls = iter(range(100))
+
+        def predict(batch: np.ndarray, calls: Iterator[int] = calls, bad_call: int = bad_call,
+                    value: float = value) -> np.ndarray:
+            out = _linear(batch)
+            if next(calls) == bad_call:
+                out[0, 1, 2, 3, 4] = value  # one voxel of one patch
+            return out
+
+        with pytest.raises(BackendError, match="non-finite"):
+            sliding_window_inference(image, (6, 8, 8), 0.0, predict)
 
 
 def test_sliding_window_is_batch_size_invariant() -> None:

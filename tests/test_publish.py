@@ -7,10 +7,12 @@ Ctrl-C half way through publishing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from agent.manifest import (
 from deploy.cli import main as cli
 from deploy.publish import PublishError, publish_build
 from deploy.sign import SigningError, keygen, load_private_key
+from deploy.verify import VerifyError, verify_registry
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +214,92 @@ def test_ctrl_c_during_publish_leaves_the_registry_unchanged(registry: Path, bui
     assert after == before
     assert not (registry / "mr-brain-cls" / "2.0.0").exists()
     assert not [p for p in (registry / "mr-brain-cls").iterdir() if p.name.startswith(".")]
+
+
+# --------------------------------------------------------------------------------------------
+# edge-deploy verify
+# --------------------------------------------------------------------------------------------
+
+
+def _resign(registry: Path, priv: Path, edit: Callable[[dict], None]) -> None:
+    """Edit the published manifest, then sign it and the index again, as a careless (or hostile)
+    publisher holding the real key would: the signatures are valid, the content is not."""
+    from deploy.sign import sign
+
+    key = load_private_key(priv)
+    vdir = registry / "mr-brain-cls" / "1.0.0"
+    doc = json.loads((vdir / "manifest.json").read_bytes())
+    edit(doc)
+    raw = json.dumps(doc, indent=1).encode()
+    (vdir / "manifest.json").write_bytes(raw)
+    (vdir / "manifest.json.sig").write_bytes(sign(key, raw))
+    index = json.loads((registry / "index.json").read_bytes())
+    index["models"]["mr-brain-cls"]["versions"]["1.0.0"]["sha256"] = hashlib.sha256(raw).hexdigest()
+    index_raw = json.dumps(index, indent=1).encode()
+    (registry / "index.json").write_bytes(index_raw)
+    (registry / "index.json.sig").write_bytes(sign(key, index_raw))
+
+
+def test_verify_passes_a_fresh_registry(registry: Path, keys: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    report = verify_registry(registry, [keys[1]])
+    assert report.ok and not report.problems
+    [version] = report.versions
+    assert (version.model, version.version) == ("mr-brain-cls", "1.0.0")
+    assert set(version.variants) == {"fp32", "ort-int8-u8s8"} and version.stray_files == ()
+    assert cli(["verify", str(registry), "--pub", str(keys[1])]) == 0
+    assert "registry verified" in capsys.readouterr().out
+
+
+def test_verify_lists_every_damaged_file(registry: Path, keys: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    vdir = registry / "mr-brain-cls" / "1.0.0"
+    manifest = parse_manifest((vdir / "manifest.json").read_bytes())
+    u8 = vdir / manifest.variant("ort-int8-u8s8").file
+    data = bytearray(u8.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different content
+    u8.write_bytes(bytes(data))
+    selftest = manifest.variant("fp32").selftest
+    assert selftest is not None
+    (vdir / selftest.file).unlink()
+    (vdir / "notes.txt").write_text("left over\n")
+    report = verify_registry(registry, [keys[1]])
+    assert not report.ok
+    [version] = report.versions
+    assert len(version.problems) == 2
+    assert any("ort-int8-u8s8" in p and "does not match" in p for p in version.problems)
+    assert any("fp32" in p and "missing" in p for p in version.problems)
+    assert version.stray_files == ("notes.txt",)  # reported, not a failure by itself
+    assert cli(["verify", str(registry), "--pub", str(keys[1])]) == 1
+    out = capsys.readouterr().out
+    assert "registry NOT verified" in out and "notes.txt" in out
+
+
+def test_verify_rejects_a_signed_variant_that_failed_the_gate(registry: Path, keys: tuple[Path, Path]) -> None:
+    def fail_u8(doc: dict) -> None:
+        for v in doc["variants"]:
+            if v["id"] == "ort-int8-u8s8":
+                v["gate"]["passed"] = False
+                v["gate"]["failures"] = ["accuracy drop 3.000 points > 1.000 allowed (over by 2.000)"]
+
+    _resign(registry, keys[0], fail_u8)
+    [version] = verify_registry(registry, [keys[1]]).versions
+    assert version.problems == (
+        "variant ort-int8-u8s8: published without passing the gate "
+        "(accuracy drop 3.000 points > 1.000 allowed (over by 2.000))",
+    )
+
+
+def test_verify_with_the_wrong_key_or_a_tampered_manifest(registry: Path, keys: tuple[Path, Path],
+                                                          tmp_path: Path) -> None:
+    _, other_pub = keygen(tmp_path / "other")
+    report = verify_registry(registry, [other_pub])
+    assert not report.ok and report.versions == ()
+    assert "index.json" in report.problems[0] and "does not verify" in report.problems[0]
+    vdir = registry / "mr-brain-cls" / "1.0.0"
+    (vdir / "manifest.json").write_bytes((vdir / "manifest.json").read_bytes().replace(b'"fp32"', b'"fp33"', 1))
+    [version] = verify_registry(registry, [keys[1]]).versions
+    assert any("SHA-256 differs from the one index.json records" in p for p in version.problems)
+    assert any("does not verify" in p for p in version.problems)
+    with pytest.raises(VerifyError, match="not a registry"):
+        verify_registry(tmp_path / "nothing-here", [keys[1]])
+    with pytest.raises(VerifyError, match="cannot use public key"):
+        verify_registry(registry, [tmp_path / "missing.pub"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -63,7 +64,13 @@ def built_registry(tmp_path_factory: pytest.TempPathFactory) -> Built:
             shutil.rmtree(root)
         root.mkdir()
         key, _pub = keygen(root / "keys")
-        rc = deploy_main(["build", str(REPO / "models" / MODEL), "--key", str(key), "--out", str(root / "registry"),
+        # the real model, published as 1.0.0 whatever its model.toml says, so these tests can bump it
+        model_dir = root / "model"
+        model_dir.mkdir()
+        shutil.copy2(REPO / "models" / MODEL / "model.onnx", model_dir / "model.onnx")
+        toml = (REPO / "models" / MODEL / "model.toml").read_text()
+        (model_dir / "model.toml").write_text(re.sub(r'(?m)^version = ".*"$', 'version = "1.0.0"', toml))
+        rc = deploy_main(["build", str(model_dir), "--key", str(key), "--out", str(root / "registry"),
                           "--build", str(root / "build"), "--samples", "16", "--val-n", "40", "--skip-bench",
                           "--variants", VARIANTS])
         assert rc == 0
