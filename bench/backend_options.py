@@ -10,6 +10,9 @@
 * The agent's OpenVINO backend with its static compilation for the expected input shape (the
   default) versus one dynamic-batch compilation (``static_shape=False``, what it did before):
   OpenVINO INT8 on one MR slice, and on one CT patch and a full CT volume.
+* OpenVINO INT8 with its float parts (the CT model's trilinear resizes, output reorder) in bf16
+  instead of f32 (``inference_precision="bf16"``, execution precision ``int8+bf16``), on CPUs
+  with AVX512_BF16: not a published variant yet; argmax agreement with the f32 one is reported.
 
 Every configuration is timed in interleaved rounds and keeps its best round, so load drift on a
 shared machine hits all of them alike. Needs the OpenVINO extra and a CT build folder
@@ -136,6 +139,19 @@ def main() -> None:
         out["ct_ov_int8_volume_ms"] = best_ms(
             {k: (lambda f=f: sliding_window_inference(ct, (64, 96, 96), 0.25, f)) for k, f in ct_ov.items()},
             args.rounds, 1)
+        f32_parts = ct_ov["static_shape=True"]
+        bf16_backend = registry.create("openvino")
+        bf16_backend.load(int8, precision="int8", threads=2,
+                          options={"warmup_shape": (1, 1, 64, 96, 96), "inference_precision": "bf16"})
+        floats = {"float parts f32 (ov-int8)": f32_parts, f"float parts {bf16_backend.describe().precision}": bf16_backend.run}
+        out["ct_ov_int8_float_parts_patch_ms"] = best_ms({k: (lambda f=f: f(patch)) for k, f in floats.items()},
+                                                         args.rounds, 5)
+        out["ct_ov_int8_float_parts_volume_ms"] = best_ms(
+            {k: (lambda f=f: sliding_window_inference(ct, (64, 96, 96), 0.25, f)) for k, f in floats.items()},
+            args.rounds, 1)
+        a = sliding_window_inference(ct, (64, 96, 96), 0.25, f32_parts).argmax(0)
+        b = sliding_window_inference(ct, (64, 96, 96), 0.25, bf16_backend.run).argmax(0)
+        out["ct_ov_int8_bf16_parts_voxel_agreement"] = round(float((a == b).mean()), 5)
     else:
         out["ov_static_shape"] = f"skipped: {mr_int8} or {int8} not found (run edge-deploy build first)"
     print(json.dumps(out, indent=2))

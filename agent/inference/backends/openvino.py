@@ -22,8 +22,8 @@ Options understood by ``load``:
         compiled statically (below).
     static_shape: bool, default True: compile the model for exactly the warm-up shape, and use
         a second, dynamic-batch compilation (made on first use) for any other shape. A static
-        compilation skips OpenVINO's per-call shape inference and memory re-planning: 15 % off a
-        0.4 ms batch-1 classifier, a few % off a 3D patch (docs/benchmarks.md). False: one
+        compilation skips OpenVINO's per-call shape inference and memory re-planning: 7-12 % off a
+        batch-1 classifier slice, 1-7 % off a 3D patch (docs/benchmarks.md). False: one
         dynamic-batch compilation for every call (less memory when shapes vary).
 """
 
