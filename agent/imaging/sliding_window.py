@@ -94,7 +94,8 @@ def sliding_window_inference(
 
     spatial = image.shape[1:]
     pad = [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(spatial, patch, strict=True)]
-    if any(b or a for b, a in pad):
+    needs_padding = any(b or a for b, a in pad)
+    if needs_padding:
         padded = np.empty((image.shape[0], *(s + b + a for s, (b, a) in zip(spatial, pad, strict=True))), dtype=np.float32)
         for c in range(image.shape[0]):
             padded[c] = np.pad(image[c], pad, mode="constant", constant_values=float(image[c].min()))
@@ -113,7 +114,8 @@ def sliding_window_inference(
         weight_sum[z : z + patch[0], y : y + patch[1], x : x + patch[2]] += weights_patch
 
     out: np.ndarray | None = None
-    weighted: np.ndarray | None = None  # one patch's weighted logits, reused for every patch
+    # one slab of one channel's weighted logits, reused for every patch
+    weighted = np.empty((min(_SLAB, patch[0]), *patch[1:]), dtype=np.float32)
     for first in range(0, len(starts), batch_size):
         batch_starts = starts[first : first + batch_size]
         batch = np.stack(
@@ -127,10 +129,8 @@ def sliding_window_inference(
             )
         if out is None:
             out = np.zeros((logits.shape[1], *full), dtype=np.float32)
-            weighted = np.empty((min(_SLAB, patch[0]), *patch[1:]), dtype=np.float32)
         elif logits.shape[1] != out.shape[0]:
             raise BackendError(f"model returned {logits.shape[1]} channels, earlier {out.shape[0]}")
-        assert weighted is not None
         # Accumulate patch by patch in raster order: the float sums, hence the result, do not
         # depend on how the patches were batched. Weighting goes through a scratch buffer, so the
         # caller's array (possibly a backend's own output buffer) is read once and never written.
@@ -153,7 +153,7 @@ def sliding_window_inference(
     # divide by the summed weights while cropping the padding: one pass, one output array
     inverse = np.reciprocal(weight_sum, out=weight_sum)
     crop = tuple(slice(b, n - a) for (b, a), n in zip(pad, full, strict=True))
-    if all(b == 0 and a == 0 for b, a in pad):
+    if not needs_padding:
         return np.multiply(out, inverse, out=out)
     result = np.empty((out.shape[0], *spatial), dtype=np.float32)
     return np.multiply(out[(slice(None), *crop)], inverse[crop], out=result)

@@ -91,6 +91,7 @@ class OpenVinoBackend:
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         config.update(dict(options.get("config", {})))
+        compile_static = bool(options.get("static_shape", True))
         try:
             core = ov.Core()
             model = core.read_model(str(model_path))
@@ -107,7 +108,7 @@ class OpenVinoBackend:
                 model.reshape({model.input(0): ov.PartialShape([ov.Dimension(), *dims[1:]])})
             static = tuple(d.get_length() if d.is_static else None for d in dims)
             shape = warmup_shape(static, options)
-            if options.get("static_shape", True):
+            if compile_static:
                 fixed = model.clone()
                 fixed.reshape({fixed.input(0): ov.PartialShape(list(shape))})
                 compiled = core.compile_model(fixed, device, config)
@@ -120,7 +121,7 @@ class OpenVinoBackend:
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with its own messages
             raise BackendError(f"openvino could not load {model_path.name} on {device}: {exc}") from exc
 
-        if options.get("static_shape", True):
+        if compile_static:
             self._request, self._static_shape = request, shape
         else:
             self._dynamic_request = request
