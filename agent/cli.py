@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from agent import __version__
 from agent.config import Config, load_config
@@ -126,15 +127,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"schema": "edge-agent/models/1", "models": models}, indent=2, sort_keys=True))
         return 0
+    print(render_models(models))
+    return 0
+
+
+def render_models(models: list[dict[str, Any]]) -> str:
+    """``EngineManager.describe()`` for people: each model's active variant and why, then every
+    variant with its self-test, latency and how its accuracy on this CPU is known."""
     if not models:
-        print("no models: nothing installed from the registry and nothing in models.dir")
+        return "no models: nothing installed from the registry and nothing in models.dir"
+    lines: list[str] = []
     for m in models:
         active = m.get("active") or {}
-        print(f"{m['name']} {m['version']} ({m['source']}): {active.get('variant') or 'not active'}"
-              f" [{active.get('backend') or '-'} {active.get('precision') or '-'}]")
-        print(f"  why: {active.get('reason', m.get('error', '-'))}")
+        lines.append(f"{m['name']} {m['version']} ({m['source']}): {active.get('variant') or 'not active'}"
+                     f" [{active.get('backend') or '-'} {active.get('precision') or '-'}]")
+        lines.append(f"  why: {active.get('reason', m.get('error', '-'))}")
         if m.get("previous"):
-            print(f"  previous (rollback): {m['previous']}")
+            lines.append(f"  previous (rollback): {m['previous']}")
         for v in m.get("variants", []):
             if v.get("passed"):
                 state = f"passed, {v['latency_ms']:.3g} ms, max |err| {v['max_abs_err']:.3g}"
@@ -142,8 +151,10 @@ def cmd_models(args: argparse.Namespace) -> int:
                 state = ("FAILED: " if v.get("tried") else "not tried: ") + str(v.get("error", "not measured"))
             if v.get("demoted"):
                 state += f"; DEMOTED: {v['demoted']}"
-            print(f"  {v['id']:<16} {v['backend']:<12} {v['precision']:<5} {state}")
-    return 0
+            lines.append(f"  {v['id']:<16} {v['backend']:<12} {v['precision']:<5} {state}")
+            if v.get("passed") and v.get("proof"):
+                lines.append(f"  {'':<16} accuracy: {v['proof']}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

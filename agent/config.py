@@ -176,6 +176,11 @@ class EnginesConfig(_Section):
         "load on a shared CPU slows every variant alike instead of one.",
     )
     trial_timeout_s: float = Field(300, gt=0, description="Limit for loading + self-testing + timing one variant.")
+    gate_timeout_s: float = Field(
+        900, gt=0,
+        description="Limit for one run of the device accuracy gate: one variant (or FP32) over the manifest's "
+        "validation set, for variants not proven on this CPU's instruction-set family.",
+    )
     prefer_margin: float = Field(
         0.05, ge=0, lt=1,
         description="A variant later in the manifest's priority order is chosen only when it is faster by "

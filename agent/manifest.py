@@ -37,10 +37,12 @@ __all__ = [
     "DriftProfile",
     "GateResult",
     "Index",
+    "IsaVerdict",
     "IndexEntry",
     "Manifest",
     "Requires",
     "SelfTest",
+    "ValidationSet",
     "Variant",
     "canonical_json",
     "key_id",
@@ -54,8 +56,9 @@ __all__ = [
     "verify_signature",
 ]
 
-#: bumped on incompatible changes; the agent refuses manifests with a newer major schema
-SCHEMA_VERSION = 1
+#: bumped on incompatible changes; the agent refuses manifests with a newer major schema.
+#: 2: per-family gate verdicts (``Variant.isa_gates``), ``fast_on`` hints, the signed validation set
+SCHEMA_VERSION = 2
 #: Ed25519 signatures are always 64 bytes
 SIGNATURE_SIZE = 64
 
@@ -81,6 +84,24 @@ def _check_sha256(value: str) -> str:
     if not _SHA256.match(value):
         raise ValueError(f"{value!r} is not a lower-case hex SHA-256 digest")
     return value
+
+
+class _FileRef(_Strict):
+    """A file of the version folder, named by its manifest entry and pinned by size and digest."""
+
+    file: str = Field(description="Relative path inside the model version folder.")
+    sha256: str = Field(description="Lower-case hex SHA-256 of the file.")
+    size: int = Field(ge=1, description="Size in bytes.")
+
+    @field_validator("file")
+    @classmethod
+    def _file_ok(cls, value: str) -> str:
+        return _check_rel_path(value)
+
+    @field_validator("sha256")
+    @classmethod
+    def _digest_ok(cls, value: str) -> str:
+        return _check_sha256(value)
 
 
 class Requires(_Strict):
@@ -113,7 +134,7 @@ class Requires(_Strict):
         return value
 
 
-class SelfTest(_Strict):
+class SelfTest(_FileRef):
     """A known input and the output this variant produced on the build machine.
 
     The ``.npz`` file holds ``input`` (float32, N C *spatial) and ``expected`` (float32, the
@@ -124,24 +145,28 @@ class SelfTest(_Strict):
     or corrupted model misses by far more.
     """
 
-    file: str = Field(description="Relative path of the .npz with `input` and `expected`.")
-    sha256: str = Field(description="SHA-256 of the .npz file.")
-    size: int = Field(ge=1, description="Size of the .npz in bytes.")
     input_shape: tuple[int, ...] = Field(description="Shape of `input`.")
     atol: float = Field(ge=0, description="Absolute tolerance on logits.")
     rtol: float = Field(ge=0, description="Relative tolerance on logits.")
     min_close_fraction: float = Field(0.99, ge=0, le=1, description="Share of elements within tolerance.")
     min_argmax_agreement: float = Field(0.99, ge=0, le=1, description="Share of argmax equal to expected.")
 
-    @field_validator("file")
-    @classmethod
-    def _file_ok(cls, value: str) -> str:
-        return _check_rel_path(value)
 
-    @field_validator("sha256")
-    @classmethod
-    def _digest_ok(cls, value: str) -> str:
-        return _check_sha256(value)
+class IsaVerdict(_Strict):
+    """The accuracy gate's verdict for one instruction-set family (``agent.isa``).
+
+    ``method``: ``native`` (run on a CPU of that family), ``isa-limited`` (run on a higher family
+    with the backend restricted to this one's instructions, ``ONEDNN_MAX_CPU_ISA``) or
+    ``simulated`` (the Q/DQ arithmetic computed exactly in float on the CPU: what an exact
+    integer path such as VNNI or SDOT computes, but not proof of any particular CPU's kernels).
+    Only ``native`` and ``isa-limited`` passes spare a device of that family its own gate; a failed
+    verdict of any method refuses the variant there.
+    """
+
+    passed: bool
+    method: Literal["native", "isa-limited", "simulated"]
+    summary: str = Field("", description="The figures, e.g. 'accuracy 0.7812 vs FP32 1.0000 (drop limit 0.01)'.")
+    host: str = Field("", description="The build host's CPU the verdict was measured on.")
 
 
 class GateResult(_Strict):
@@ -164,6 +189,7 @@ class GateResult(_Strict):
     thresholds: dict[str, float] = Field(default_factory=dict)
     failures: tuple[str, ...] = ()
     batch_invariant: bool | None = None
+    isa_family: str = Field("", description="The instruction-set family of the CPU this gate ran on (agent.isa).")
 
 
 class BenchFigures(_Strict):
@@ -181,15 +207,12 @@ class BenchFigures(_Strict):
     note: str = ""
 
 
-class Variant(_Strict):
+class Variant(_FileRef):
     """One runnable form of the model: a file, the backend that runs it and what it needs."""
 
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     backend: Literal["onnxruntime", "openvino", "tensorrt"]
     precision: Literal["fp32", "fp16", "bf16", "int8", "fp8"]
-    file: str
-    sha256: str
-    size: int = Field(ge=1)
     format: str = Field("onnx", description="'onnx' (FP32/FP16), 'onnx-qdq' (quantized Q/DQ graph).")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Backend load options (e.g. OpenVINO inference_precision)."
@@ -198,6 +221,12 @@ class Variant(_Strict):
         description="What the build machine's runtime actually computed in, read back from it."
     )
     requires: Requires = Requires()
+    fast_on: tuple[str, ...] = Field(
+        (), description="CPU flags of which any makes this variant fast (e.g. avx512_vnni): an ordering hint, "
+        "never a requirement; the device's own timing decides.")
+    targets: tuple[str, ...] = Field((), description="The instruction-set families this variant is built for.")
+    isa_gates: dict[str, IsaVerdict] = Field(
+        default_factory=dict, description="The accuracy gate's verdict per instruction-set family, where known.")
     description: str = ""
     priority: int = Field(
         0, ge=0, description="Preference among variants a device can run: lower first (set from the benchmarks)."
@@ -205,16 +234,6 @@ class Variant(_Strict):
     gate: GateResult
     bench: BenchFigures | None = None
     selftest: SelfTest | None = None
-
-    @field_validator("file")
-    @classmethod
-    def _file_ok(cls, value: str) -> str:
-        return _check_rel_path(value)
-
-    @field_validator("sha256")
-    @classmethod
-    def _digest_ok(cls, value: str) -> str:
-        return _check_sha256(value)
 
 
 class Histogram(_Strict):
@@ -251,6 +270,20 @@ class DriftProfile(_Strict):
     outputs: dict[str, Any] = Field(default_factory=dict)
 
 
+class ValidationSet(_FileRef):
+    """A small signed validation set the device runs its own accuracy gate on (synthetic data).
+
+    The ``.npz`` (format: ``agent.accuracy.load_validation_set``) holds preprocessed model inputs
+    and their truth: class indices (classification) or label maps (segmentation). ``reference``
+    is FP32's score on it on the build host, for reports; the device compares each variant with
+    FP32 *as computed on the device*, on the same samples, with the thresholds of ``spec.gate``.
+    """
+
+    n_samples: int = Field(ge=1, description="Slices (classification) or volumes (segmentation).")
+    source: str = Field(description="Where the samples came from (synthetic seeds).")
+    reference: dict[str, float] = Field(default_factory=dict, description="FP32's metrics on the build host.")
+
+
 class Manifest(_Strict):
     """The signed description of one model version and all its published variants."""
 
@@ -267,6 +300,8 @@ class Manifest(_Strict):
     calibration: dict[str, Any] = Field(default_factory=dict)
     validation: dict[str, Any] = Field(default_factory=dict)
     drift: DriftProfile | None = None
+    validation_set: ValidationSet | None = Field(
+        None, description="The set a device gates variants on that are not proven for its instruction-set family.")
     toolchain: dict[str, str] = Field(default_factory=dict)
     signing_key_id: str = Field("", description="key_id() of the key that signed this manifest.")
 

@@ -62,6 +62,7 @@ def build(model_dir: Path, key: Path, registry: Path, args: argparse.Namespace) 
     timings["publish"] = time.perf_counter() - t
     return {"model": spec.name, "version": spec.version, "build": str(out), "manifest": str(manifest),
             "passed": gdoc["passed"], "failed": gdoc["failed"], "target": bdoc["target"] if bdoc else None,
+            "isa_family": gdoc.get("isa_family", ""),
             "seconds": {k: round(v, 1) for k, v in timings.items()}}
 
 
@@ -89,11 +90,13 @@ def add_parser(subparsers: Any) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     summary = build(args.model_dir, args.key, args.out, args)
-    print(f"{summary['model']} {summary['version']}: published {', '.join(summary['passed'])}"
+    print(f"{summary['model']} {summary['version']} (gated on {summary['isa_family']}): published "
+          f"{', '.join(summary['passed'])}"
           + (f"; failed the gate: {', '.join(summary['failed'])}" if summary["failed"] else ""))
     t = summary.get("target")
     if t and t.get("goal_speedup"):
-        print(f"target {t['goal_speedup']}x over ORT FP32 ({t['metric']}): {t.get('speedup')}x with {t.get('fastest')}: "
+        print(f"target for {t.get('isa_family')} {t['goal_speedup']}x over {t.get('baseline')} ({t['metric']}): "
+              f"{t.get('speedup')}x with {t.get('fastest')}: "
               f"{'met' if t.get('met') else 'NOT met'}")
     print(f"manifest: {summary['manifest']}  (stage seconds: {summary['seconds']})")
     return 0

@@ -93,6 +93,9 @@ class QuantConfig:
     calibration_samples: 2D: slices (balanced over classes x difficulties)
     calibration_volumes / patches_per_volume: 3D: volumes, and sliding-window patches per volume
     validation_samples (2D slices) / validation_volumes (3D volumes): the gate's held-out set
+    device_validation_samples / device_validation_volumes: the first slices (classes round robin,
+        so 240 stay balanced) / volumes of that set shipped signed in the manifest, on which a
+        device gates variants not proven for its instruction-set family
     variants: variant ids to build (default: all of deploy.variants.CATALOGUE)
     exclude_nodes: node names kept in float in every quantized variant
     threads: intra-op threads for calibration, gate and benchmark (default 2)
@@ -107,6 +110,8 @@ class QuantConfig:
     patches_per_volume: int = 4
     validation_samples: int = 480
     validation_volumes: int = 6
+    device_validation_samples: int = 240
+    device_validation_volumes: int = 3
     variants: tuple[str, ...] = ()
     exclude_nodes: tuple[str, ...] = ()
     threads: int = 2
@@ -119,7 +124,8 @@ class QuantConfig:
         if self.calibration_seed == self.validation_seed:
             raise ModelSpecError("[quantization] calibration_seed and validation_seed must differ (disjoint sets)")
         for name in ("calibration_samples", "calibration_volumes", "patches_per_volume",
-                     "validation_samples", "validation_volumes"):
+                     "validation_samples", "validation_volumes", "device_validation_samples",
+                     "device_validation_volumes"):
             if int(getattr(self, name)) < 1:
                 raise ModelSpecError(f"[quantization] {name} must be >= 1")
 

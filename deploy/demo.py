@@ -1,10 +1,19 @@
 """``make demo``: the whole agent end to end on its embedded defaults, in one process tree.
 
-Generates a synthetic CT series and a synthetic brain MR slice, starts the agent (DICOM listener,
-assembler, inference worker, MQTT publisher) on loopback ports, pushes both series over DICOM
-C-STORE, prints both result messages as received from the broker, compares them with the
-phantoms' truth, and exits. Uses the broker on 127.0.0.1:1883 when one answers, else an embedded
-pure-Python broker (amqtt, MQTT 3.1.1) on a free loopback port.
+1. Builds a small signed registry of mr-brain-cls with the real toolkit (``edge-deploy build``:
+   calibrate, quantize the INT8 variants for each instruction-set family, gate them against FP32,
+   sign) into ``var/demo-registry``, about a minute on 2 cores; later runs reuse it while the model
+   is unchanged (delete the folder, or pass ``--rebuild``, to regenerate it).
+2. Pulls it as a device does: prints this machine's probe, then every variant tried here with its
+   self-test verdict, measured latency and how its accuracy on this CPU is known (the publisher's
+   gate, or the device's own gate on the signed validation set), the chosen variant and why, and
+   its speed-up over FP32 measured here.
+3. Generates a synthetic CT series and a synthetic brain MR slice, starts the agent (DICOM
+   listener, assembler, inference worker, MQTT publisher) on loopback ports, pushes both series over
+   DICOM C-STORE, prints both result messages as received from the broker (the MR one from the
+   chosen variant, the CT one from the FP32 model in ``models/``), compares them with the
+   phantoms' truth, and exits. Uses the broker on 127.0.0.1:1883 when one answers, else an
+   embedded pure-Python broker (amqtt, MQTT 3.1.1) on a free loopback port.
 
 This lives in ``deploy`` (which may import ``agent``) because it needs the phantom generator.
 """
@@ -33,8 +42,86 @@ def _say(msg: str) -> None:
     print(f"demo: {msg}", flush=True)
 
 
+#: the registry's model and what the demo builds of it: FP32, INT8 for VNNI CPUs (u8s8), INT8 for
+#: AVX2 CPUs without VNNI (7-bit weights), OpenVINO INT8 and FP32; ARM/GPU variants need other hardware
+DEMO_MODEL = "mr-brain-cls"
+DEMO_VARIANTS = "fp32,ort-int8-u8s8,ort-int8-u8s8-rr,ov-int8,ov-fp32"
+DEMO_BUILD = ["--samples", "64", "--val-n", "240", "--skip-bench", "--variants", DEMO_VARIANTS]
+
+
+def demo_registry(root: Path, models_dir: Path, rebuild: bool = False) -> tuple[Path, Path]:
+    """A signed registry of :data:`DEMO_MODEL` under ``root`` (registry folder, public key), built
+    with ``edge-deploy build`` unless one built from the same model files and settings is there."""
+    from agent.manifest import sha256_file
+    from deploy.cli import main as deploy_main
+
+    model = models_dir / DEMO_MODEL
+    stamp = " ".join([sha256_file(model / "model.onnx"), sha256_file(model / "model.toml"), *DEMO_BUILD])
+    registry, pub = root / "registry", root / "keys" / "signing.pub"
+    if not rebuild and (root / "stamp").is_file() and (root / "stamp").read_text() == stamp:
+        _say(f"reusing the demo registry in {root} (built earlier from the same model; --rebuild to redo it)")
+        return registry, pub
+    shutil.rmtree(root, ignore_errors=True)
+    _say(f"building a signed registry of {DEMO_MODEL} with edge-deploy (calibrate, quantize, gate, sign) "
+         f"into {root}: about a minute")
+    t0 = time.monotonic()
+    if deploy_main(["keygen", "--out", str(root / "keys")]) != 0:
+        raise RuntimeError("edge-deploy keygen failed")
+    rc = deploy_main(["build", str(model), "--key", str(root / "keys" / "signing.key"), "--out", str(registry),
+                      "--build", str(root / "build"), *DEMO_BUILD])
+    if rc != 0:
+        raise RuntimeError(f"edge-deploy build exited {rc}")
+    (root / "stamp").write_text(stamp)
+    _say(f"registry built in {time.monotonic() - t0:.0f}s")
+    return registry, pub
+
+
+def pull_and_explain(cfg: Any) -> None:
+    """Pull the registry as a device does and print what was chosen here and why."""
+    from agent.cli import render_models
+    from agent.engines import EngineManager
+    from agent.isa import describe_family
+    from agent.registry.store import ModelStore
+    from agent.registry.updater import updater_from_config
+
+    engines = EngineManager(cfg, ModelStore(cfg.storage.dir), cfg.db_path, on_event=lambda ev: None)
+    try:
+        p = engines.probe
+        backends = ", ".join(f"{b.name} {b.version}" for b in p.backends if b.installed and not b.error)
+        _say(f"this device: {p.cpu.model}, {p.cpu.usable_cores} cores, {p.cpu.arch}, "
+             f"features [{' '.join(p.cpu.features) or '-'}]")
+        _say(f"  instruction-set family {p.cpu.isa_family}: {describe_family(p.cpu.isa_family)}")
+        _say(f"  GPU: {', '.join(g.name for g in p.nvidia.gpus) or 'none'}; backends: {backends}")
+        _say("pulling: verify signatures and digests, self-test and time every variant this CPU can run, "
+             "gate the ones not proven on this family")
+        t0 = time.monotonic()
+        updater = updater_from_config(cfg, engines.activate, on_event=lambda ev: None, probe=engines.probe)
+        outcomes = updater.pull_now([DEMO_MODEL])
+        for o in outcomes:
+            if not o.ok:
+                raise RuntimeError(f"{o.model}: not activated ({o.stage}): {o.error}")
+        _say(f"pulled and activated in {time.monotonic() - t0:.0f}s\n")
+        models = [m for m in engines.describe() if m["name"] == DEMO_MODEL]
+        print(render_models(models))
+        print(_speedup(models[0]) + "\n", flush=True)
+    finally:
+        engines.close()
+
+
+def _speedup(model: dict[str, Any]) -> str:
+    rows = {v["id"]: v for v in model.get("variants", [])}
+    active = (model.get("active") or {}).get("variant")
+    chosen, fp32 = rows.get(active or ""), rows.get("fp32")
+    if not chosen or not fp32 or not chosen.get("latency_ms") or not fp32.get("latency_ms"):
+        return f"chosen: {active or 'none'} (no FP32 timing to compare with)"
+    return (f"chosen: {active} ({chosen['backend']} {chosen['precision']}), {chosen['latency_ms']:.3g} ms per slice "
+            f"vs FP32 {fp32['latency_ms']:.3g} ms: {fp32['latency_ms'] / chosen['latency_ms']:.2f}x faster "
+            "on this machine")
+
+
 def run_demo(state_dir: Path, timeout_s: float = 600.0, seed: int = 2026,
-             models_dir: Path = REPO / "models") -> int:
+             models_dir: Path = REPO / "models", registry_dir: Path = REPO / "var" / "demo-registry",
+             rebuild: bool = False) -> int:
     import paho.mqtt.client as mqtt
 
     from agent.config import Config
@@ -60,6 +147,7 @@ def run_demo(state_dir: Path, timeout_s: float = 600.0, seed: int = 2026,
         broker.start()
         _say(f"no broker on 127.0.0.1:1883; started an embedded one on 127.0.0.1:{port}")
 
+    registry, pub = demo_registry(registry_dir, models_dir, rebuild)
     device_id = f"demo-{int(time.time())}"
     cfg = Config.model_validate({
         "device_id": device_id,
@@ -68,7 +156,10 @@ def run_demo(state_dir: Path, timeout_s: float = 600.0, seed: int = 2026,
         "storage": {"dir": str(state_dir / "state"), "min_free_mb": 100},
         "pipeline": {"stable_age_s": 1.0},
         "models": {"dir": str(models_dir)},
+        "registry": {"url": registry.resolve().as_uri(), "public_key": [str(pub)], "models": [DEMO_MODEL],
+                     "poll_interval_s": 0},
     })
+    pull_and_explain(cfg)
 
     _say("generating a synthetic abdominal CT series and a brain MR slice")
     ct = make_ct_phantom(seed, size=256)
@@ -144,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--models-dir", type=Path, default=REPO / "models")
+    ap.add_argument("--registry-dir", type=Path, default=REPO / "var" / "demo-registry",
+                    help="where the demo registry is built and kept between runs")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the demo registry even if one is there")
     args = ap.parse_args(argv)
-    return run_demo(args.state_dir, args.timeout, args.seed, args.models_dir)
+    return run_demo(args.state_dir, args.timeout, args.seed, args.models_dir, args.registry_dir, args.rebuild)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ daemon's code path: ``agent.inference.pipeline.run_model_detailed`` (``load_seri
 statistics), on a backend from ``agent.inference.registry``. Nothing here re-implements
 preprocessing or postprocessing.
 
-Scores (``deploy.metrics``):
+Scores (``agent.accuracy``):
 
 * segmentation: Dice per label on the SOURCE grid between the published label map (after the
   largest-component filter) and the phantom's ``labels.npy``, averaged over cases, their mean
@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
+from agent.accuracy import SegmentationScorer, classification_metrics
 from agent.errors import EdgeAgentError, ModelSpecError
 from agent.modelspec import ModelSpec, load_spec
-from deploy.metrics import SegmentationScorer, classification_metrics
 
 __all__ = ["TRAINING_SEEDS", "add_parser", "evaluate_model", "generate_heldout", "main"]
 

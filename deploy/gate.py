@@ -29,29 +29,59 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
+import json
 import logging
+import os
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from agent.accuracy import (
+    ValidationSamples,
+    Verdict,
+    compare,
+    compare_classification,
+    compare_segmentation,
+    headline,
+    load_validation_set,
+    write_validation_set,
+)
 from agent.errors import EdgeAgentError
+from agent.isa import ONEDNN_MAX_ISA
 from agent.manifest import sha256_file
-from agent.modelspec import GateSpec, ModelSpec, load_spec
+from agent.modelspec import ModelSpec, load_spec
 from deploy.calibrate import QuantConfig, config_from_args, sliding_window_patches
 from deploy.variants import (
+    Host,
     VariantSpec,
     atomic_path,
     catalogue_by_id,
     default_build_dir,
+    host,
     read_json,
     write_json,
 )
+
+__all__ = [
+    "GateError",
+    "GateRun",
+    "QdqSimulationBackend",
+    "batch_invariance",
+    "compare_classification",
+    "compare_segmentation",
+    "format_report",
+    "gate",
+    "isa_limited_families",
+    "plan_runs",
+    "publishability",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +114,12 @@ SIM_BACKEND = "onnxruntime-qdq-sim"
 #: 96 % relative error, 9 % with the rule off). ``WeightBiasQuantization`` turns float biases into
 #: int32 ones, which TensorRT does not do.
 SIM_DISABLED_OPTIMIZERS = ("ReluQuantRewrite", "WeightBiasQuantization")
+#: session config of the simulation: without ``session.disable_quant_qdq`` ONNX Runtime fuses
+#: DQ -> Conv -> Q into QLinearConv, i.e. runs this CPU's integer kernels, and on an x86 CPU
+#: without VNNI those saturate (VPMADDUBSW): the "simulation" would inherit the very error it is
+#: meant to rule out. Unfused, every Q/DQ node computes its rounding and clipping in float and the
+#: convolutions accumulate exactly: what VNNI, ARM SDOT (32-bit sums) and TensorRT compute.
+SIM_SESSION_CONFIG = {"session.disable_quant_qdq": "1"}
 
 from agent.inference import registry as _registry  # noqa: E402  (registration needs the registry)
 from agent.inference.base import BackendInfo as _BackendInfo  # noqa: E402
@@ -93,11 +129,14 @@ _registry.register_module(SIM_BACKEND, __name__)
 
 @_registry.register(SIM_BACKEND)
 class QdqSimulationBackend:
-    """ONNX Runtime CPU running a TensorRT Q/DQ graph as a numerical simulation.
+    """ONNX Runtime CPU running a Q/DQ graph as an exact numerical simulation.
 
     Same contract as the agent's backends (load / run / describe). Q/DQ nodes compute exactly the
-    quantize-dequantize arithmetic of the engine (int8 rounding and saturation, FP8 E4M3 rounding);
-    the convolutions run in FP32, so this checks accuracy, not the engine's kernels or speed.
+    quantize-dequantize arithmetic (int8 rounding and saturation, FP8 E4M3 rounding) and the
+    convolutions run in FP32 on the dequantized values, never fused into this CPU's integer
+    kernels (:data:`SIM_SESSION_CONFIG`). That is what a TensorRT engine, an x86 VNNI CPU or an ARM
+    SDOT CPU computes (exact 32-bit accumulation), so it checks the accuracy of a graph for
+    hardware the build host is not, not that hardware's kernels or speed.
     """
 
     name = SIM_BACKEND
@@ -116,6 +155,8 @@ class QdqSimulationBackend:
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for key, value in SIM_SESSION_CONFIG.items():
+            so.add_session_config_entry(key, value)
         try:
             self._session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"],
                                                  disabled_optimizers=list(SIM_DISABLED_OPTIMIZERS))
@@ -147,81 +188,9 @@ class QdqSimulationBackend:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """Result of comparing one variant's metrics with FP32's."""
-
-    passed: bool
-    metrics: dict[str, float]
-    reference: dict[str, float]
-    drops: dict[str, float]
-    thresholds: dict[str, float]
-    failures: tuple[str, ...]
-
-
-def _fail(name: str, drop: float, limit: float, unit: str = "") -> str:
-    scale = 100.0 if unit == "points" else 1.0
-    return (f"{name} {drop * scale:.3f}{' ' + unit if unit else ''} > {limit * scale:.3f} allowed "
-            f"(over by {(drop - limit) * scale:.3f})")
-
-
-def compare_classification(ref: Mapping[str, Any], var: Mapping[str, Any], agreement: float,
-                           gate: GateSpec) -> Verdict:
-    """Compare classification metrics (``deploy.metrics.classification_metrics`` dicts) of a
-    variant with FP32's on the same samples. ``agreement``: share of samples whose argmax equals
-    FP32's. Drops are FP32 minus variant (positive = worse); pass only if every drop is within
-    ``gate``."""
-    metrics = {"accuracy": float(var["accuracy"]), "argmax_agreement": float(agreement)}
-    reference = {"accuracy": float(ref["accuracy"])}
-    drops = {"accuracy": reference["accuracy"] - metrics["accuracy"]}
-    failures = []
-    if drops["accuracy"] > gate.max_accuracy_drop + 1e-12:
-        failures.append(_fail("accuracy drop", drops["accuracy"], gate.max_accuracy_drop, "points"))
-    for name, row in var["per_class"].items():
-        ref_row = ref["per_class"][name]
-        for key in ("precision", "recall", "f1"):
-            metrics[f"{key}.{name}"] = float(row[key])
-            reference[f"{key}.{name}"] = float(ref_row[key])
-        drop = float(ref_row["recall"]) - float(row["recall"])
-        drops[f"recall.{name}"] = drop
-        if drop > gate.max_recall_drop + 1e-12:
-            failures.append(_fail(f"recall drop of class {name}", drop, gate.max_recall_drop, "points"))
-    if agreement < gate.min_argmax_agreement:
-        failures.append(f"argmax agreement with FP32 {agreement:.4f} < {gate.min_argmax_agreement:.4f} required "
-                        f"(short by {gate.min_argmax_agreement - agreement:.4f})")
-    thresholds = {"max_accuracy_drop": gate.max_accuracy_drop, "max_recall_drop": gate.max_recall_drop,
-                  "min_argmax_agreement": gate.min_argmax_agreement}
-    return Verdict(not failures, metrics, reference, drops, thresholds, tuple(failures))
-
-
-def compare_segmentation(ref: Mapping[str, Any], var: Mapping[str, Any], agreement: float,
-                         gate: GateSpec) -> Verdict:
-    """Compare segmentation metrics (``SegmentationScorer.summary`` dicts) of a variant with
-    FP32's on the same cases. ``agreement``: share of voxels whose label equals FP32's."""
-    metrics = {"mean_dice": float(var["mean_dice"]), "argmax_agreement": float(agreement)}
-    reference = {"mean_dice": float(ref["mean_dice"])}
-    drops = {"mean_dice": reference["mean_dice"] - metrics["mean_dice"]}
-    failures = []
-    if drops["mean_dice"] > gate.max_mean_dice_drop + 1e-12:
-        failures.append(_fail("mean Dice drop", drops["mean_dice"], gate.max_mean_dice_drop))
-    for name, value in var["dice"].items():
-        metrics[f"dice.{name}"] = float(value)
-        reference[f"dice.{name}"] = float(ref["dice"][name])
-        drop = float(ref["dice"][name]) - float(value)
-        drops[f"dice.{name}"] = drop
-        if drop > gate.max_label_dice_drop + 1e-12:
-            failures.append(_fail(f"Dice drop of label {name}", drop, gate.max_label_dice_drop))
-    if agreement < gate.min_argmax_agreement:
-        failures.append(f"voxel agreement with FP32 {agreement:.4f} < {gate.min_argmax_agreement:.4f} required "
-                        f"(short by {gate.min_argmax_agreement - agreement:.4f})")
-    thresholds = {"max_mean_dice_drop": gate.max_mean_dice_drop, "max_label_dice_drop": gate.max_label_dice_drop,
-                  "min_argmax_agreement": gate.min_argmax_agreement}
-    return Verdict(not failures, metrics, reference, drops, thresholds, tuple(failures))
-
-
 def argmax_agreement(ref_outputs: Sequence[np.ndarray], var_outputs: Sequence[np.ndarray], task: str) -> float:
     """Share of samples (classification logits -> argmax) or voxels (label maps) that agree."""
-    from deploy.metrics import argmax_agreement as agree
+    from agent.accuracy import argmax_agreement as agree
 
     if task == "classification":
         return agree([np.asarray([np.argmax(o)]) for o in ref_outputs],
@@ -234,13 +203,18 @@ def argmax_agreement(ref_outputs: Sequence[np.ndarray], var_outputs: Sequence[np
 # --------------------------------------------------------------------------------------------
 
 
-def load_variant(spec: ModelSpec, v: VariantSpec, path: Path, threads: int, warm: tuple[int, ...] | None = None) -> Any:
-    """Load ``path`` on the backend that validates ``v`` here (its own, or ONNX Runtime for
-    TensorRT graphs) through ``agent.inference.registry``; returns the loaded Backend."""
+def load_variant(spec: ModelSpec, v: VariantSpec, path: Path, threads: int, warm: tuple[int, ...] | None = None,
+                 backend_name: str | None = None, backend_options: Mapping[str, Any] | None = None) -> Any:
+    """Load ``path`` through ``agent.inference.registry`` on ``backend_name`` with
+    ``backend_options`` (default: the backend that validates ``v`` here, its own or ONNX Runtime
+    for TensorRT graphs, with its options); returns the loaded Backend."""
     from agent.inference import registry
 
-    backend = registry.create(v.validated_with)
-    options: dict[str, Any] = dict(v.gate_options) if v.gate_backend else dict(v.options)
+    backend = registry.create(backend_name or v.validated_with)
+    if backend_options is not None:
+        options: dict[str, Any] = dict(backend_options)
+    else:
+        options = dict(v.gate_options) if v.gate_backend else dict(v.options)
     if warm is not None:
         options["warmup_shape"] = warm
     backend.load(path, precision=v.precision, threads=threads, options=options)
@@ -290,7 +264,8 @@ _ORT_FLOAT_KERNELS = {"Conv", "FusedConv", "ConvTranspose", "Gemm", "MatMul", "F
                       "NhwcFusedConv"}
 
 
-def ort_execution_precision(path: Path, threads: int = 1, disabled_optimizers: Sequence[str] = ()) -> dict[str, Any]:
+def ort_execution_precision(path: Path, threads: int = 1, disabled_optimizers: Sequence[str] = (),
+                            config: Mapping[str, str] | None = None) -> dict[str, Any]:
     """What ONNX Runtime (CPU EP) really runs: count conv/gemm kernels in its optimized graph.
 
     Integer kernels (QLinearConv, QGemm, ...) count as int8; float ones by the element type of
@@ -307,6 +282,8 @@ def ort_execution_precision(path: Path, threads: int = 1, disabled_optimizers: S
         so.optimized_model_filepath = str(opt)
         so.intra_op_num_threads = threads
         so.log_severity_level = 3  # the "hardware specific optimizations" notice is expected here
+        for key, value in (config or {}).items():
+            so.add_session_config_entry(key, value)
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
                              disabled_optimizers=list(disabled_optimizers))
         model = onnx.load(str(opt))
@@ -368,13 +345,14 @@ def openvino_execution_precision(path: Path, hint: str, threads: int = 1) -> dic
             "hint_read_back": read_back, "layers": dict(by)}
 
 
-def execution_precision(v: VariantSpec, path: Path, threads: int) -> dict[str, Any]:
-    """Read back the precision ``v`` executes in on this machine (see the two functions above)."""
-    if v.validated_with == "openvino":
+def execution_precision(v: VariantSpec, backend: str, path: Path, threads: int) -> dict[str, Any]:
+    """Read back the precision ``v`` executes in on this machine when run on ``backend`` (see the
+    two functions above)."""
+    if backend == "openvino":
         hint = str(v.options.get("inference_precision", "f32"))
         return openvino_execution_precision(path, hint, threads)
-    if v.validated_with == SIM_BACKEND:
-        return ort_execution_precision(path, threads, SIM_DISABLED_OPTIMIZERS)
+    if backend == SIM_BACKEND:
+        return ort_execution_precision(path, threads, SIM_DISABLED_OPTIMIZERS, SIM_SESSION_CONFIG)
     return ort_execution_precision(path, threads)
 
 
@@ -402,13 +380,15 @@ def selftest_inputs(spec: ModelSpec, folders: Sequence[Path], n2d: int = 4) -> n
 
 
 def write_selftest(out: Path, v: VariantSpec, task: str, x: np.ndarray, expected: np.ndarray,
-                   fp32_out: np.ndarray) -> dict[str, Any]:
+                   fp32_out: np.ndarray, simulated: bool | None = None) -> dict[str, Any]:
     """Write ``out`` (npz: input, expected) and return its SelfTest fields (tolerances chosen from
     how far this variant already is from FP32 on the same input: another CPU's kernels round
-    differently, by less than the quantization itself)."""
+    differently, by less than the quantization itself). ``simulated``: ``expected`` comes from a
+    stand-in for the variant's own runtime (default: the variant's gate backend is not its own)."""
     scale = float(np.max(np.abs(expected))) or 1.0
     quant_err = float(np.percentile(np.abs(expected - fp32_out), 99))
-    simulated = bool(v.gate_backend and v.gate_backend != v.backend)
+    if simulated is None:
+        simulated = bool(v.gate_backend and v.gate_backend != v.backend)
     if v.precision == "fp32":
         atol, rtol, close, agree = 1e-3 * scale, 1e-3, 0.999, 0.999
     elif simulated:  # the real engine vs a CPU simulation of its arithmetic
@@ -429,8 +409,245 @@ def write_selftest(out: Path, v: VariantSpec, task: str, x: np.ndarray, expected
 
 
 # --------------------------------------------------------------------------------------------
+# Which runs prove a variant for which instruction-set family
+# --------------------------------------------------------------------------------------------
+
+#: x86 families, highest first: a host can restrict oneDNN to any family below its own
+X86_ORDER = ("x86-vnni", "x86-avx2", "x86-baseline")
+#: verdict methods, strongest first: a weaker one never replaces a stronger one for a family
+METHOD_RANK = {"native": 0, "isa-limited": 1, "simulated": 2}
+#: one ISA-limited worker (FP32-sized validation set through OpenVINO on restricted kernels)
+ISA_WORKER_TIMEOUT_S = 1800
+
+
+@dataclass(frozen=True)
+class GateRun:
+    """One way the gate runs a variant on this host.
+
+    ``method``: ``native`` (its own backend, on a host meeting its ``requires``), ``simulated``
+    (the Q/DQ arithmetic computed exactly, :class:`QdqSimulationBackend`) or ``stand-in`` (its own
+    or a CPU backend on a host it was not built for: TensorRT graphs, FP16 on x86; today's gate).
+    ``families``: the instruction-set families whose verdict this run gives (none for stand-ins).
+    """
+
+    method: str
+    backend: str
+    options: Mapping[str, Any]
+    families: tuple[str, ...]
+
+
+def integer_cpu(v: VariantSpec) -> bool:
+    """An INT8 Q/DQ graph for a CPU backend: the variants whose numbers depend on the CPU's
+    integer dot-product instructions."""
+    return v.precision == "int8" and v.backend in ("onnxruntime", "openvino") and v.format == "onnx-qdq"
+
+
+def plan_runs(v: VariantSpec, me: Host) -> list[GateRun]:
+    """The runs that gate ``v`` on ``me`` (in-process, on the full held-out set)."""
+    family = me.isa_family
+    if v.gate_backend:  # TensorRT: its graph on the CPU, as the gate always did
+        method = "simulated" if v.gate_backend == SIM_BACKEND else "stand-in"
+        return [GateRun(method, v.gate_backend, dict(v.gate_options), ())]
+    runs: list[GateRun] = []
+    if not me.unmet(v.requires):
+        runs.append(GateRun("native", v.backend, dict(v.options), (family,)))
+    elif not v.targets:
+        # built for other hardware but runnable here (FP16 on x86): a stand-in run as before; it
+        # proves nothing for any family, devices gate it themselves
+        runs.append(GateRun("stand-in", v.backend, dict(v.options), ()))
+    if integer_cpu(v) and family not in v.targets:
+        runs.append(GateRun("simulated", SIM_BACKEND, {}, tuple(v.targets)))
+    return runs
+
+
+def isa_limited_families(v: VariantSpec, me: Host) -> list[str]:
+    """Families below this host's that OpenVINO can be restricted to (``ONEDNN_MAX_CPU_ISA``) for
+    ``v``: only OpenVINO variants this host runs natively."""
+    if v.backend != "openvino" or v.gate_backend or me.unmet(v.requires) or me.isa_family not in X86_ORDER:
+        return []
+    mine = X86_ORDER.index(me.isa_family)
+    return [f for f in X86_ORDER[mine + 1:] if f in ONEDNN_MAX_ISA]
+
+
+def publishability(v: VariantSpec, primary_passed: bool, verdicts: Mapping[str, Mapping[str, Any]],
+                   fp32_passed: bool) -> tuple[bool, str]:
+    """Whether ``v`` may be published, and why, in words.
+
+    A variant with targets: no target family may have a failed verdict and at least one must have
+    a pass (any method); a failed verdict for a family it does not target is only recorded, so
+    devices of that family skip it. A variant without targets: its own run passed (as always).
+    """
+    if v.id != "fp32" and not fp32_passed:
+        return False, "FP32, the reference and fallback, failed the gate"
+    if not v.targets:
+        return primary_passed, "passed the gate" if primary_passed else "failed the gate"
+    failed = [f"{t} ({verdicts[t]['method']})" for t in v.targets if t in verdicts and not verdicts[t]["passed"]]
+    proven = [f"{t} ({verdicts[t]['method']})" for t in v.targets if verdicts.get(t, {}).get("passed")]
+    others = [f"{f} ({r['method']})" for f, r in sorted(verdicts.items()) if f not in v.targets and not r["passed"]]
+    tail = f"; fails on {', '.join(others)}: devices of that family skip it" if others else ""
+    if failed:
+        return False, f"failed for target family {', '.join(failed)}{tail}"
+    if not proven:
+        return False, f"no verdict for any target family ({', '.join(v.targets)}){tail}"
+    open_ = [t for t in v.targets if t not in verdicts]
+    rest = f"; {', '.join(open_)} devices gate it themselves" if open_ else ""
+    return True, f"passed for {', '.join(proven)}{rest}{tail}"
+
+
+def _merge_verdict(verdicts: dict[str, dict[str, Any]], family: str, verdict: dict[str, Any]) -> None:
+    """Record ``verdict`` for ``family`` unless a stronger method already gave one."""
+    have = verdicts.get(family)
+    if have is None or METHOD_RANK[verdict["method"]] < METHOD_RANK[have["method"]]:
+        verdicts[family] = verdict
+
+
+# --------------------------------------------------------------------------------------------
+# The device validation set (shipped in the manifest; ISA-limited runs use it too)
+# --------------------------------------------------------------------------------------------
+
+
+def write_device_validation(spec: ModelSpec, folders: Sequence[Path], out: Path) -> ValidationSamples:
+    """Write the device validation set ``out`` from ``folders`` (series with truth.json, and
+    labels.npy for segmentation), prepared by the agent's own code; return it as read back."""
+    from agent.imaging import load_series, prepare
+    from deploy.training import labels_to_model_space
+
+    inputs, truth = [], []
+    for folder in folders:
+        prepared = prepare(load_series(sorted(folder.glob("*.dcm"))), spec.input)
+        inputs.append(prepared.array)
+        if spec.task == "classification":
+            truth.append(int(json.loads((folder / "truth.json").read_text())["class_index"]))
+        else:
+            # on the model grid, sampled exactly as the model's training targets were
+            truth.append(labels_to_model_space(np.load(folder / "labels.npy"), prepared.geometry, len(spec.labels)))
+    with atomic_path(out) as tmp:
+        write_validation_set(tmp, spec.task, inputs, truth)
+    # the stored inputs are 8-bit: everything downstream runs on what the device will read
+    return load_validation_set(out)
+
+
+def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """``score`` output as plain floats: accuracy and per-class recall, or mean and per-label Dice."""
+    if "accuracy" in metrics:
+        out = {"accuracy": float(metrics["accuracy"])}
+        out.update({f"recall.{k}": float(r["recall"]) for k, r in metrics["per_class"].items()})
+        return out
+    out = {"mean_dice": float(metrics["mean_dice"])}
+    out.update({f"dice.{k}": float(d) for k, d in metrics["dice"].items()})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# ISA-limited runs: OpenVINO restricted to a lower family, in a fresh process
+# --------------------------------------------------------------------------------------------
+
+
+def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """Our environment plus ``extra``, with this checkout first on the import path (the child
+    must run the same agent/deploy code, installed or not)."""
+    env = {**os.environ, **extra}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+#: the child's entry: ``python -c`` rather than ``-m deploy.gate``, which would import this module
+#: a second time as __main__ (and register the simulation backend twice)
+_ISA_WORKER = "import sys; from deploy.gate import isa_limited_worker; sys.exit(isa_limited_worker(sys.argv[1]))"
+
+
+def isa_limited_predictions(model_dir: Path, v: VariantSpec, path: Path, set_path: Path, family: str,
+                            threads: int, work: Path) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """``v``'s predictions on the validation set with OpenVINO's oneDNN restricted to ``family``
+    (``ONEDNN_MAX_CPU_ISA``, read once when oneDNN starts: hence a fresh process). Returns the
+    predictions and what the worker reported (kernels of its conv layers). GateError on failure."""
+    out = work / f"isa-{v.id}-{family}.npz"
+    cfg = {"model_dir": str(model_dir), "path": str(path), "backend": v.backend, "precision": v.precision,
+           "options": dict(v.options), "threads": threads, "set": str(set_path), "out": str(out)}
+    isa = ONEDNN_MAX_ISA[family]
+    try:
+        proc = subprocess.run([sys.executable, "-c", _ISA_WORKER, json.dumps(cfg)], capture_output=True, text=True,
+                              timeout=ISA_WORKER_TIMEOUT_S, check=False,
+                              env=_child_env({"ONEDNN_MAX_CPU_ISA": isa}))
+    except subprocess.TimeoutExpired as exc:
+        raise GateError(f"{v.id} with ONEDNN_MAX_CPU_ISA={isa}: no result after {ISA_WORKER_TIMEOUT_S} s") from exc
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines or not out.exists():
+        raise GateError(f"{v.id} with ONEDNN_MAX_CPU_ISA={isa}: worker exited {proc.returncode}: "
+                        f"{proc.stderr.strip()[-800:] or 'no output'}")
+    with np.load(out) as npz:
+        preds = [np.asarray(npz[f"pred_{i}"]) for i in range(len(npz.files))]
+    out.unlink()
+    return preds, json.loads(lines[-1])
+
+
+def isa_limited_worker(cfg_json: str) -> int:
+    """The child of :func:`isa_limited_predictions`: load the variant through the agent's registry,
+    predict the validation set (``agent.engines.device_gate.predict``), write the npz, print one
+    JSON line (the kernels OpenVINO chose for its conv layers: evidence the restriction held)."""
+    from agent.engines.device_gate import predict
+    from agent.inference import registry
+
+    cfg = json.loads(cfg_json)
+    spec = load_spec(Path(cfg["model_dir"]))
+    samples = load_validation_set(Path(cfg["set"]))
+    backend = registry.create(cfg["backend"])
+    options = {**cfg["options"], "warmup_shape": warmup_shape(spec)}
+    backend.load(Path(cfg["path"]), precision=cfg["precision"], threads=int(cfg["threads"]), options=options)
+    preds = predict(backend.run, samples, spec)
+    with open(cfg["out"], "wb") as f:
+        np.savez(f, **{f"pred_{i}": p for i, p in enumerate(preds)})  # type: ignore[arg-type]
+    kernels = _openvino_kernels(Path(cfg["path"]), str(cfg["options"].get("inference_precision", "f32")))
+    print(json.dumps({"kernels": kernels, "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}), flush=True)
+    return 0
+
+
+def _openvino_kernels(path: Path, hint: str) -> dict[str, int]:
+    """How many conv/matmul layers OpenVINO compiled to each kernel (``jit_avx2_I8``, ...)."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": hint})
+    counts: collections.Counter[str] = collections.Counter()
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) in ("Convolution", "Deconvolution", "FullyConnected", "MatMul"):
+            counts[info["primitiveType"].astype(str)] += 1
+    return dict(counts)
+
+
+# --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one :class:`GateRun` measured: the evaluation (``res``, metrics dict), agreement with
+    FP32, batch invariance, the probe outputs (self-test), the backend's description and the
+    execution precision read back, and the verdict against FP32."""
+
+    run: GateRun
+    res: Mapping[str, Any]
+    inv: Mapping[str, Any]
+    probe_out: np.ndarray
+    backend_precision: str
+    exec_prec: Mapping[str, Any]
+    verdict: Verdict
+    failures: tuple[str, ...]
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def family_verdict(self, describe: str) -> dict[str, Any]:
+        """gate.json's (and the manifest's IsaVerdict) record of this run."""
+        summary = headline(self.verdict)
+        if not self.inv["passed"]:
+            summary += "; " + self.failures[-1]
+        return {"passed": self.passed, "method": self.run.method, "summary": summary, "host": describe}
 
 
 def _check_disjoint(build: Path, seed: int, n: int) -> None:
@@ -445,12 +662,115 @@ def _check_disjoint(build: Path, seed: int, n: int) -> None:
                         "use a different validation_seed")
 
 
+@dataclass(frozen=True)
+class _Context:
+    """What every run of one gate shares: the spec, the held-out set, the FP32 reference."""
+
+    model_dir: Path
+    spec: ModelSpec
+    n: int
+    seed: int
+    common: Mapping[str, Any]
+    ref: Mapping[str, Any]
+    ref_outputs: Sequence[Any]
+    probe_inputs: np.ndarray
+    warm: tuple[int, ...] | None
+    threads: int
+
+
+def _execute(ctx: _Context, v: VariantSpec, run: GateRun, path: Path) -> RunResult:
+    """One run of ``v``: the held-out set through the agent's pipeline, batch invariance and the
+    execution precision read back; judged against FP32."""
+    from deploy.evaluate import evaluate_model
+
+    t0 = time.perf_counter()
+    if v.id == "fp32" and run.method == "native":
+        res, outputs = ctx.ref, ctx.ref_outputs
+    else:
+        res = evaluate_model(ctx.model_dir, ctx.n, ctx.seed, variant_path=path, backend=run.backend,
+                             precision=v.precision, **ctx.common)
+        outputs = res.pop("outputs")
+    agree = argmax_agreement(ctx.ref_outputs, outputs, ctx.spec.task)
+    del outputs  # label maps of whole volumes: do not hold them past the comparison
+    backend = load_variant(ctx.spec, v, path, ctx.threads, ctx.warm, run.backend, run.options)
+    inv, probe_out = batch_invariance(backend, ctx.probe_inputs, ctx.spec.task)
+    described = backend.describe()
+    del backend
+    # ONNX Runtime keeps its arena (im2col buffers: GBs for 3D convs) until the session is
+    # collected; collect now, before the next run allocates its own
+    gc.collect()
+    exec_prec = execution_precision(v, run.backend, path, ctx.threads)
+    gc.collect()
+    verdict = compare(ctx.spec.task, ctx.ref, res, agree, ctx.spec.gate)
+    failures = list(verdict.failures)
+    if not inv["passed"]:
+        failures.append(f"batch sizes {BATCH_SIZES} disagree: argmax agreement {inv['argmax_agreement']:.5f}, "
+                        f"max logit difference {inv['max_abs_diff']:.3g} ({inv['rel_diff']:.2e} of scale)")
+    return RunResult(run, res, inv, probe_out, described.precision, exec_prec, verdict, tuple(failures),
+                     round(time.perf_counter() - t0, 1))
+
+
+def _primary(v: VariantSpec, results: Sequence[RunResult], family: str) -> RunResult:
+    """The run whose figures stand for ``v`` in gate.json and the manifest: native when it ran
+    for a target family (or ``v`` has none), else the simulation, else whatever ran."""
+    native = next((r for r in results if r.run.method == "native"), None)
+    if native is not None and (not v.targets or family in v.targets):
+        return native
+    sim = next((r for r in results if r.run.method == "simulated"), None)
+    return sim or results[0]
+
+
+def _validated_note(v: VariantSpec, run: GateRun) -> str:
+    """How the gate ran ``v`` for its primary figures: its own backend, or a stand-in for it."""
+    if run.method == "native":
+        return run.backend
+    if run.backend == SIM_BACKEND:
+        for_what = f"the {v.backend} graph" if v.backend == "tensorrt" else f"{', '.join(v.targets)} CPUs"
+        return (f"{SIM_BACKEND} (ONNX Runtime CPU simulating the Q/DQ arithmetic exactly in float, "
+                f"as {for_what} compute it)")
+    return f"{run.backend} (CPU run of the graph the {v.backend} variant is built from; not its target hardware)"
+
+
+def _entry(v: VariantSpec, rec: Mapping[str, Any], digest: str, results: Sequence[RunResult],
+           verdicts: dict[str, dict[str, Any]], family: str) -> tuple[dict[str, Any], RunResult]:
+    """gate.json's record of ``v`` (before publishability): the primary run's figures, every
+    run's method and verdict, and the per-family verdicts."""
+    primary = _primary(v, results, family)
+    native = next((r for r in results if r.run.method == "native"), None)
+    # what this host's runtime really executes: the native run's kernels when there is one
+    exec_prec = (native or primary).exec_prec
+    entry: dict[str, Any] = {
+        "file": rec["file"],
+        "sha256": digest,
+        "validated_with": _validated_note(v, primary.run),
+        "method": primary.run.method,
+        "backend_reported_precision": primary.backend_precision,
+        "execution_precision": dict(exec_prec),
+        "n_samples": int(primary.res["n"]),
+        "metrics": primary.verdict.metrics,
+        "reference": primary.verdict.reference,
+        "drops": primary.verdict.drops,
+        "thresholds": primary.verdict.thresholds,
+        "failures": list(primary.failures),
+        "batch_invariance": dict(primary.inv),
+        "seconds": round(sum(r.seconds for r in results), 1),
+        "timings_ms": primary.res.get("timings_ms", {}),
+        "runs": [{"method": r.run.method, "backend": r.run.backend, "families": list(r.run.families),
+                  "passed": r.passed, "summary": headline(r.verdict), "failures": list(r.failures),
+                  "execution_precision": r.exec_prec.get("summary", ""), "seconds": r.seconds} for r in results],
+        "isa_verdicts": verdicts,
+        "isa_family": family,
+        "targets": list(v.targets),
+    }
+    return entry, primary
+
+
 def gate(model_dir: Path, build: Path, cfg: QuantConfig, variant_ids: Sequence[str] | None = None,
          dicom: Path | None = None, n: int | None = None) -> dict[str, Any]:
     """Run the gate for every built variant in ``build``; write and return gate.json's document."""
     from tqdm import tqdm
 
-    from deploy.drift_profile import DriftAccumulator
+    from agent.engines.device_gate import predict, score
     from deploy.evaluate import evaluate_model, generate_heldout
 
     spec = load_spec(model_dir)
@@ -459,6 +779,8 @@ def gate(model_dir: Path, build: Path, cfg: QuantConfig, variant_ids: Sequence[s
         raise GateError(f"{vdoc_path} not found: run `edge-deploy quantize` first")
     vdoc = read_json(vdoc_path)
     known = catalogue_by_id()
+    me = host()
+    family = me.isa_family
     records = [r for r in vdoc["variants"] if not variant_ids or r["id"] in variant_ids or r["id"] == "fp32"]
     fp32_rec = next((r for r in records if r["id"] == "fp32" and r["built"]), None)
     if fp32_rec is None:
@@ -470,9 +792,11 @@ def gate(model_dir: Path, build: Path, cfg: QuantConfig, variant_ids: Sequence[s
     is_3d = spec.input.dims == 3
     n = n or (cfg.validation_volumes if is_3d else cfg.validation_samples)
     t_start = time.perf_counter()
+    stage_s: dict[str, float] = {}
     results: dict[str, Any] = {}
 
     with tempfile.TemporaryDirectory(prefix="validation-", dir=build) as tmp:
+        t = time.perf_counter()
         if dicom is None:
             _check_disjoint(build, cfg.validation_seed, n)
             with tqdm(total=n, desc="validation set", unit="series", file=sys.stderr) as bar:
@@ -485,136 +809,190 @@ def gate(model_dir: Path, build: Path, cfg: QuantConfig, variant_ids: Sequence[s
         common = {"data_dir": data_dir, "keep_outputs": True, "progress": False, "threads": cfg.threads}
         probe_inputs = selftest_inputs(spec, folders)
         warm = warmup_shape(spec)
+        # the device validation set: the first samples of the held-out set (classes round robin)
+        n_dev = min(cfg.device_validation_volumes if is_3d else cfg.device_validation_samples, len(folders))
+        set_path = build / "validation" / "set.npz"
+        samples = write_device_validation(spec, folders[:n_dev], set_path)
+        stage_s["heldout_and_device_set"] = round(time.perf_counter() - t, 1)
 
-        # FP32 reference: once
+        # FP32 reference: once on the held-out set, once on the device set
+        t = time.perf_counter()
         ref = evaluate_model(model_dir, n, cfg.validation_seed, variant_path=build / fp32_rec["file"],
                              backend="onnxruntime", precision="fp32", **common)
         ref_outputs = ref.pop("outputs")
         fp32_backend = load_variant(spec, known["fp32"], build / fp32_rec["file"], cfg.threads, warm)
         fp32_probe = np.concatenate([fp32_backend.run(probe_inputs[i:i + 1]) for i in range(len(probe_inputs))])
+        fp32_device_preds = predict(fp32_backend.run, samples, spec)
         del fp32_backend
         gc.collect()
-        drift = DriftAccumulator(spec.input.modality)
-        if spec.task == "classification":
-            from agent.imaging import classification_outputs
+        device_validation = {
+            "file": "validation/set.npz", "sha256": sha256_file(set_path), "size": set_path.stat().st_size,
+            "n_samples": len(samples), "source": f"{source}: the first {len(samples)}",
+            "reference": flat_metrics(score(samples, fp32_device_preds, spec)),
+        }
+        drift_outputs = _drift_outputs(spec, ref_outputs)
+        stage_s["fp32_reference"] = round(time.perf_counter() - t, 1)
+        ctx = _Context(model_dir, spec, n, cfg.validation_seed, common, ref, ref_outputs, probe_inputs, warm,
+                       cfg.threads)
 
-            for logits in ref_outputs:
-                out = classification_outputs(logits, spec.labels)
-                drift.add_classification(out.label, out.confidence)
-        else:
-            for label_map in ref_outputs:
-                counts = np.bincount(np.asarray(label_map).ravel(), minlength=len(spec.labels))
-                drift.add_segmentation({name: float(counts[i]) / label_map.size
-                                        for i, name in enumerate(spec.labels) if i > 0})
-        drift_outputs = drift.outputs()
-
-        runs: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        cache: dict[tuple[Any, ...], RunResult] = {}
         bar = tqdm(records, desc="gate", unit="variant", file=sys.stderr)
+        t = time.perf_counter()
         for rec in bar:
             bar.set_postfix_str(rec["id"])
             v = known[rec["id"]]
             if not rec["built"]:
-                results[v.id] = {"passed": False, "failures": [f"not built: {rec.get('reason', '?')}"]}
+                results[v.id] = {"passed": False, "failures": [f"not built: {rec.get('reason', '?')}"],
+                                 "isa_verdicts": {}, "isa_family": family, "targets": list(v.targets)}
                 continue
             path = build / rec["file"]
             digest = sha256_file(path)
             if digest != rec["sha256"]:
                 raise GateError(f"{path.name} changed since `quantize` (sha256 mismatch); re-run quantize")
-            t0 = time.perf_counter()
-            # variants that run the same file the same way here (ort-fp16 / trt-fp16) share one run
-            key = (digest, v.validated_with, v.precision, tuple(sorted((v.gate_options or v.options).items())))
-            try:
-                if key in runs:
-                    res, agree, inv, probe_out, described, exec_prec = runs[key]
-                else:
-                    res = ref if v.id == "fp32" else evaluate_model(
-                        model_dir, n, cfg.validation_seed, variant_path=path, backend=v.validated_with,
-                        precision=v.precision, **common)
-                    outputs = ref_outputs if v.id == "fp32" else res.pop("outputs")
-                    agree = argmax_agreement(ref_outputs, outputs, spec.task)
-                    del outputs  # label maps of whole volumes: do not hold them past the comparison
-                    backend = load_variant(spec, v, path, cfg.threads, warm)
-                    inv, probe_out = batch_invariance(backend, probe_inputs, spec.task)
-                    described = backend.describe()
-                    del backend
-                    # ONNX Runtime keeps its arena (im2col buffers: GBs for 3D convs) until the
-                    # session is collected; collect now, before the next variant allocates its own
-                    gc.collect()
-                    exec_prec = execution_precision(v, path, cfg.threads)
-                    gc.collect()
-                    runs[key] = (res, agree, inv, probe_out, described, exec_prec)
-            except EdgeAgentError as exc:
-                results[v.id] = {"passed": False, "file": rec["file"], "sha256": digest,
-                                 "failures": [f"could not run on {v.validated_with}: {exc}"]}
-                logger.error("variant %s: %s", v.id, exc)
+            runs = plan_runs(v, me)
+            if not runs:
+                results[v.id] = {"passed": False, "file": rec["file"], "sha256": digest, "isa_verdicts": {},
+                                 "isa_family": family, "targets": list(v.targets),
+                                 "failures": [f"cannot be gated here: {'; '.join(me.unmet(v.requires))}"]}
                 continue
-            verdict = (compare_classification(ref, res, agree, spec.gate) if spec.task == "classification"
-                       else compare_segmentation(ref, res, agree, spec.gate))
-            failures = list(verdict.failures)
-            if not inv["passed"]:
-                failures.append(f"batch sizes {BATCH_SIZES} disagree: argmax agreement {inv['argmax_agreement']:.5f}, "
-                                f"max logit difference {inv['max_abs_diff']:.3g} ({inv['rel_diff']:.2e} of scale)")
-            passed = not failures
-            entry: dict[str, Any] = {
-                "passed": passed,
-                "file": rec["file"],
-                "sha256": digest,
-                "validated_with": _validated_note(v),
-                "backend_reported_precision": described.precision,
-                "execution_precision": exec_prec,
-                "n_samples": int(res["n"]),
-                "metrics": verdict.metrics,
-                "reference": verdict.reference,
-                "drops": verdict.drops,
-                "thresholds": verdict.thresholds,
-                "failures": failures,
-                "batch_invariance": inv,
-                "seconds": round(time.perf_counter() - t0, 1),
-                "timings_ms": res.get("timings_ms", {}),
-            }
-            if passed:
+            done: list[RunResult] = []
+            errors: list[str] = []
+            for run in runs:
+                # variants that run the same file the same way (ort-fp16 / trt-fp16, the u8s8
+                # simulation of ort-int8-u8s8 and ov-int8) share one run
+                key = (digest, run.backend, v.precision, tuple(sorted(run.options.items())))
+                try:
+                    if key not in cache:
+                        cache[key] = _execute(ctx, v, run, path)
+                    done.append(replace(cache[key], run=run))
+                except EdgeAgentError as exc:
+                    errors.append(f"could not run on {run.backend}: {exc}")
+                    logger.error("variant %s (%s): %s", v.id, run.method, exc)
+            verdicts: dict[str, dict[str, Any]] = {}
+            for r in done:
+                for fam in r.run.families:
+                    _merge_verdict(verdicts, fam, r.family_verdict(me.describe()))
+            if not done:
+                results[v.id] = {"passed": False, "file": rec["file"], "sha256": digest, "failures": errors,
+                                 "isa_verdicts": {}, "isa_family": family, "targets": list(v.targets)}
+                continue
+            entry, primary = _entry(v, rec, digest, done, verdicts, family)
+            entry["failures"] += errors
+            for fam in isa_limited_families(v, me):
+                t_isa = time.perf_counter()
+                try:
+                    verdict, worker = _isa_limited(ctx, v, path, set_path, fam, samples, fp32_device_preds, build)
+                except GateError as exc:
+                    entry.setdefault("isa_limited_errors", {})[fam] = str(exc)
+                    logger.error("variant %s on %s (isa-limited): %s", v.id, fam, exc)
+                    continue
+                _merge_verdict(verdicts, fam, {"passed": verdict.passed, "method": "isa-limited",
+                                               "summary": headline(verdict), "host": me.describe()})
+                entry.setdefault("isa_limited", {})[fam] = {
+                    "onednn_max_cpu_isa": ONEDNN_MAX_ISA[fam], "n_samples": len(samples),
+                    "metrics": verdict.metrics, "failures": list(verdict.failures),
+                    "seconds": round(time.perf_counter() - t_isa, 1), **worker}
+            results[v.id] = (entry, primary)
+        stage_s["variants"] = round(time.perf_counter() - t, 1)
+
+        # publishability needs FP32's verdict, so it comes after every run
+        fp32_entry = results.get("fp32")
+        fp32_passed = isinstance(fp32_entry, tuple) and fp32_entry[1].passed and not fp32_entry[0]["failures"]
+        for vid, value in list(results.items()):
+            if not isinstance(value, tuple):
+                value["publishable"], value["verdict_note"] = False, "; ".join(value["failures"])
+                continue
+            entry, primary = value
+            v = known[vid]
+            ok, note = publishability(v, primary.passed and not entry["failures"], entry["isa_verdicts"],
+                                      fp32_passed)
+            entry["passed"] = entry["publishable"] = ok
+            entry["verdict_note"] = note
+            if not ok and not entry["failures"]:
+                # the primary run passed, a target family failed: say which, with its figures
+                entry["failures"] = [f"{f} ({r['method']}): {r['summary']}" for f, r in entry["isa_verdicts"].items()
+                                     if f in v.targets and not r["passed"]] or [note]
+            if ok:
                 k = 1 if is_3d else len(probe_inputs)  # 3D: one patch keeps the vector a few MB
-                entry["selftest"] = write_selftest(build / "selftest" / f"{v.id}.npz", v, spec.task,
-                                                   probe_inputs[:k], probe_out[:k], fp32_probe[:k])
-            results[v.id] = entry
+                entry["selftest"] = write_selftest(build / "selftest" / f"{vid}.npz", v, spec.task,
+                                                   probe_inputs[:k], primary.probe_out[:k], fp32_probe[:k],
+                                                   simulated=primary.run.method != "native")
+            results[vid] = entry
 
     doc = {
         "model": spec.name,
         "version": spec.version,
         "task": spec.task,
+        "isa_family": family,
+        "host": me.describe(),
         "validation": {"source": source, "seed": cfg.validation_seed if dicom is None else None, "n": n,
                        "calibration_seed": cfg.calibration_seed, "disjoint_from_calibration": dicom is None},
+        "device_validation": device_validation,
         "thresholds": spec.gate.model_dump(),
         "reference": {k: v for k, v in ref.items() if k not in ("outputs",)},
         "drift_outputs": drift_outputs,
         "variants": results,
         "passed": sorted(k for k, r in results.items() if r.get("passed")),
         "failed": sorted(k for k, r in results.items() if not r.get("passed")),
+        "stage_seconds": stage_s,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     write_json(build / "gate.json", doc)
     return doc
 
 
-def _validated_note(v: VariantSpec) -> str:
-    """How the gate ran ``v``, for the manifest: its own backend, or a CPU stand-in for it."""
-    if v.native_here:
-        return v.validated_with
-    if v.validated_with == SIM_BACKEND:
-        return f"{SIM_BACKEND} (ONNX Runtime CPU simulating the Q/DQ arithmetic of the {v.backend} graph)"
-    return f"{v.validated_with} (CPU run of the graph the {v.backend} engine is built from)"
+def _isa_limited(ctx: _Context, v: VariantSpec, path: Path, set_path: Path, family: str, samples: ValidationSamples,
+                 fp32_preds: Sequence[np.ndarray], build: Path) -> tuple[Verdict, dict[str, Any]]:
+    """One ISA-limited run of ``v`` for ``family``, judged against FP32's predictions on the set."""
+    from agent.engines.device_gate import judge_predictions
+
+    with tempfile.TemporaryDirectory(prefix="isa-", dir=build) as work:
+        preds, worker = isa_limited_predictions(ctx.model_dir, v, path, set_path, family, ctx.threads, Path(work))
+    if len(preds) != len(samples):
+        raise GateError(f"{v.id} with ONEDNN_MAX_CPU_ISA={ONEDNN_MAX_ISA[family]}: {len(preds)} predictions "
+                        f"for {len(samples)} samples")
+    return judge_predictions(samples, fp32_preds, preds, ctx.spec), worker
+
+
+def _drift_outputs(spec: ModelSpec, ref_outputs: Sequence[Any]) -> dict[str, Any]:
+    """The drift profile's output part: FP32's predictions on the held-out set."""
+    from deploy.drift_profile import DriftAccumulator
+
+    drift = DriftAccumulator(spec.input.modality)
+    if spec.task == "classification":
+        from agent.imaging import classification_outputs
+
+        for logits in ref_outputs:
+            out = classification_outputs(logits, spec.labels)
+            drift.add_classification(out.label, out.confidence)
+    else:
+        for label_map in ref_outputs:
+            counts = np.bincount(np.asarray(label_map).ravel(), minlength=len(spec.labels))
+            drift.add_segmentation({name: float(counts[i]) / label_map.size
+                                    for i, name in enumerate(spec.labels) if i > 0})
+    return drift.outputs()
 
 
 def format_report(doc: Mapping[str, Any]) -> str:
-    """A short human-readable summary of gate.json."""
-    lines = [f"{doc['model']} {doc['version']}: gate on {doc['validation']['source']}"]
+    """A short human-readable summary of gate.json: per variant, then its per-family verdicts."""
+    lines = [f"{doc['model']} {doc['version']}: gate on {doc['validation']['source']}",
+             f"  host family {doc.get('isa_family', '?')}: {doc.get('host', '')}"]
     for vid, r in doc["variants"].items():
         status = "PASS" if r.get("passed") else "FAIL"
         m = r.get("metrics", {})
         key = "accuracy" if "accuracy" in m else "mean_dice"
         fig = f"{key} {m[key]:.4f} agree {m.get('argmax_agreement', float('nan')):.4f}" if key in m else ""
         prec = r.get("execution_precision", {}).get("summary", "")
-        lines.append(f"  {status} {vid:<15} {fig:<38} {prec}")
+        targets = ",".join(r.get("targets", ())) or "-"
+        lines.append(f"  {status} {vid:<17} {fig:<38} {prec:<24} targets {targets}")
+        for fam, verdict in sorted(r.get("isa_verdicts", {}).items()):
+            mark = "pass" if verdict["passed"] else "FAIL"
+            lines.append(f"       {fam:<13} {verdict['method']:<11} {mark}: {verdict['summary']}")
+        for fam, error in sorted(r.get("isa_limited_errors", {}).items()):
+            lines.append(f"       {fam:<13} isa-limited could not run (no verdict: devices gate it): "
+                         f"{error.splitlines()[-1][:160]}")
+        if r.get("verdict_note"):
+            lines.append(f"       => {r['verdict_note']}")
         for f in r.get("failures", []):
             lines.append(f"       - {f}")
     return "\n".join(lines)

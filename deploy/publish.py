@@ -6,12 +6,16 @@ a ``gate.json``) and a registry folder (``--out``) and writes, per model version
     REGISTRY/index.json (+ index.json.sig)        merged with what the registry already holds
     REGISTRY/<model>/<version>/manifest.json       agent.manifest.Manifest, canonical JSON
     REGISTRY/<model>/<version>/manifest.json.sig   Ed25519 over the exact manifest bytes (64 bytes)
-    REGISTRY/<model>/<version>/<variant files>     only variants that passed the gate
+    REGISTRY/<model>/<version>/<variant files>     only variants the gate found publishable
     REGISTRY/<model>/<version>/selftest/<id>.npz   self-test vectors
+    REGISTRY/<model>/<version>/validation/set.npz  the device validation set (signed digest)
 
-Only variants that passed the gate are published, and only if the file on disk is byte-identical
-(SHA-256) to the file the gate validated. FP32 must pass (it is the fallback every device can
-run). A version is staged in a hidden folder next to its final place, verified (signature and
+Only variants the gate found publishable are published (gate.json ``passed``: shown accurate for
+at least one of their target instruction-set families and failed for none), and only if the file
+on disk is byte-identical (SHA-256) to the file the gate validated. Each carries the gate's
+verdict per family (``isa_gates``): a device whose family has a failed verdict skips the variant,
+one with a native or ISA-limited pass uses it, any other gates it on the validation set first
+(``agent.engines.device_gate``). FP32 must pass (it is the fallback every device can run). A version is staged in a hidden folder next to its final place, verified (signature and
 every digest), then renamed into place in one step, so an interrupted publish (Ctrl-C) leaves the
 registry as it was. Published versions are immutable: re-publishing one needs ``--force``.
 """
@@ -30,6 +34,7 @@ from typing import Any
 
 from agent.errors import EdgeAgentError
 from agent.manifest import (
+    SCHEMA_VERSION,
     Index,
     Manifest,
     canonical_json,
@@ -114,7 +119,7 @@ def build_manifest(build: Path, key_pem: bytes) -> tuple[dict[str, Any], list[tu
         raise PublishError(f"{spec.name}: the fp32 variant did not pass the gate ({gated.get('fp32', {}).get('failures')}); "
                            "nothing is published without the fallback")
 
-    passed = [r["id"] for r in vdoc["variants"] if r.get("built") and gated.get(r["id"], {}).get("passed")]
+    passed = [r["id"] for r in vdoc["variants"] if r.get("built") and _publishable(gated.get(r["id"], {}))]
     prio = _priorities(passed, bench_rows, spec.input.dims == 3)
     files: dict[str, str] = {}  # registry name -> sha256 (variants may share one file)
     copies: list[tuple[Path, str]] = []
@@ -168,6 +173,10 @@ def build_manifest(build: Path, key_pem: bytes) -> tuple[dict[str, Any], list[tu
             "options": dict(v.options),
             "execution_precision": g.get("execution_precision", {}).get("summary", v.precision),
             "requires": {k: (list(x) if isinstance(x, tuple) else x) for k, x in v.requires.items()},
+            "fast_on": list(v.fast_on),
+            "targets": list(v.targets),
+            "isa_gates": {fam: {k: r[k] for k in ("passed", "method", "summary", "host")}
+                          for fam, r in g.get("isa_verdicts", {}).items()},
             "description": v.description,
             "priority": prio[vid],
             "gate": {
@@ -180,15 +189,17 @@ def build_manifest(build: Path, key_pem: bytes) -> tuple[dict[str, Any], list[tu
                 "thresholds": g["thresholds"],
                 "failures": [],
                 "batch_invariant": bool(g["batch_invariance"]["passed"]),
+                "isa_family": g.get("isa_family", gdoc.get("isa_family", "")),
             },
             "bench": bench,
             "selftest": selftest,
         })
+    validation_set = _validation_set(build, gdoc, copies)
     drift = read_json(build / "drift.json") if (build / "drift.json").exists() else None
     if drift is not None:
         drift = {**drift, "outputs": gdoc.get("drift_outputs", {})}
     doc = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "name": spec.name,
         "version": spec.version,
         "created_at": _now(),
@@ -204,12 +215,32 @@ def build_manifest(build: Path, key_pem: bytes) -> tuple[dict[str, Any], list[tu
                                                            if isinstance(v, (int, float, str, dict, list))},
                        "failed_variants": {k: gated[k].get("failures", []) for k in gdoc.get("failed", [])}},
         "drift": drift,
+        "validation_set": validation_set,
         "toolchain": {**{k: str(v) for k, v in host().libraries.items()}, "edge-agent": _edge_agent_version()},
         "signing_key_id": key_id(key_pem),
     }
     # validate now: a manifest the agent would reject must never be signed
     Manifest.model_validate(doc)
     return doc, copies
+
+
+def _publishable(g: Mapping[str, Any]) -> bool:
+    """The gate's publish decision for one variant (gate.json before schema 2: ``passed``)."""
+    return bool(g.get("publishable", g.get("passed")))
+
+
+def _validation_set(build: Path, gdoc: Mapping[str, Any], copies: list[tuple[Path, str]]) -> dict[str, Any] | None:
+    """The manifest's ``validation_set`` from gate.json's ``device_validation`` (None for a build
+    gated before there was one), after checking the file is still the one the gate wrote; adds it
+    to ``copies``."""
+    dv = gdoc.get("device_validation")
+    if not dv:
+        return None
+    path = build / dv["file"]
+    if not path.is_file() or sha256_file(path) != dv["sha256"]:
+        raise PublishError(f"{path}: missing or changed since the gate; re-run the gate")
+    copies.append((path, dv["file"]))
+    return {k: dv[k] for k in ("file", "sha256", "size", "n_samples", "source", "reference")}
 
 
 def _edge_agent_version() -> str:
@@ -246,6 +277,9 @@ def publish_build(build: Path, registry: Path, key_path: Path, force: bool = Fal
             verify_file(staging / v.file, v.sha256, v.size)
             if v.selftest is not None:
                 verify_file(staging / v.selftest.file, v.selftest.sha256, v.selftest.size)
+        if manifest.validation_set is not None:
+            vs = manifest.validation_set
+            verify_file(staging / vs.file, vs.sha256, vs.size)
         old = None
         if final.exists():  # --force: swap, then delete the old version
             old = registry / name / f".{version}.old-{os.getpid()}"
@@ -293,7 +327,8 @@ def add_parser(subparsers: Any) -> None:
         "publish",
         help="sign and publish gated variants into a static registry (index.json, manifests, files)",
         description="Write REGISTRY/index.json and REGISTRY/<model>/<version>/{manifest.json, "
-        "manifest.json.sig, variant files, self-tests} for every variant that passed the gate.",
+        "manifest.json.sig, variant files, self-tests, validation set} for every variant the gate "
+        "found publishable.",
     )
     p.add_argument("--key", type=Path, required=True, help="Ed25519 private key (edge-deploy keygen)")
     p.add_argument("--out", type=Path, required=True, help="registry folder (created; merged into if it exists)")

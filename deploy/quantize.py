@@ -168,6 +168,7 @@ def build_ort_qdq(
     activations: str,
     nodes_to_exclude: Sequence[str] = (),
     op_types: Sequence[str] | None = None,
+    reduce_range: bool = False,
 ) -> dict[str, Any]:
     """ONNX Runtime static INT8 Q/DQ model with per-channel symmetric s8 weights.
 
@@ -195,7 +196,7 @@ def build_ort_qdq(
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(op_types) if op_types else None,
             per_channel=True,
-            reduce_range=False,  # VNNI / SDOT accumulate without saturation
+            reduce_range=reduce_range,
             activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=list(nodes_to_exclude),
@@ -204,7 +205,7 @@ def build_ort_qdq(
         )
         stripped = strip_output_qdq(tmp)
     return {"tool": "onnxruntime.quantization.quantize_static", "activations": activations,
-            "weights": "s8 per-channel symmetric", "method": method, "extra_options": extra,
+            "weights": "s7 (reduce_range) per-channel symmetric" if reduce_range else "s8 per-channel symmetric", "method": method, "extra_options": extra,
             "float_outputs": stripped}
 
 
@@ -489,6 +490,9 @@ def build_file(spec: VariantSpec, build: Path, calib: Mapping[str, Any], qcfg: M
         # ConvTranspose: ORT has no integer kernel for it (3D) and OpenVINO keeps it float too;
         # quantizing it would only add Q/DQ round trips
         return build_ort_qdq(pre, out, ranges, method, activations="u8",
+                             nodes_to_exclude=exclude + _conv_like_nodes(pre))
+    if spec.builder == "build_ort_u8s8_rr":
+        return build_ort_qdq(pre, out, ranges, method, activations="u8", reduce_range=True,
                              nodes_to_exclude=exclude + _conv_like_nodes(pre))
     if spec.builder == "build_ort_s8s8":
         return build_ort_qdq(pre, out, ranges, method, activations="s8",

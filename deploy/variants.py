@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.isa import isa_family
+
 logger = logging.getLogger(__name__)
 
 #: a QDQ graph needs opset >= 13 (per-channel) and >= 19 for FLOAT8E4M3FN Q/DQ
@@ -55,8 +57,13 @@ class VariantSpec:
     INT8 runs the ONNX Runtime u8s8 Q/DQ graph). ``backend``/``options``/``precision``: how the
     agent loads it on a device. ``gate_backend``/``gate_options``: how the gate runs it on this
     build machine (TensorRT graphs are checked by running their Q/DQ arithmetic in ONNX Runtime
-    on the CPU). ``requires``: agent.manifest.Requires fields. ``builder``: the name of the
-    function in deploy.quantize that produces the file.
+    on the CPU). ``requires``: agent.manifest.Requires fields: only what the variant cannot run
+    without (architecture, GPU, TensorRT, backend). ``fast_on``: CPU flags of which any makes it
+    fast, an ordering hint for devices. ``targets``: the instruction-set families (agent.isa) it is
+    built for: the gate must show it accurate there (natively, with the backend restricted to that
+    family, or, where the build host cannot run that family, by computing its integer arithmetic
+    exactly) before it is published. ``builder``: the name of the function in deploy.quantize that
+    produces the file.
     """
 
     id: str
@@ -69,6 +76,8 @@ class VariantSpec:
     gate_backend: str = ""
     gate_options: Mapping[str, Any] = field(default_factory=dict)
     requires: Mapping[str, Any] = field(default_factory=dict)
+    fast_on: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
     description: str = ""
 
     @property
@@ -84,6 +93,7 @@ class VariantSpec:
 
 _X86 = ("x86_64",)
 _ARM = ("aarch64",)
+_VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 CATALOGUE: tuple[VariantSpec, ...] = (
     VariantSpec(
@@ -102,13 +112,26 @@ CATALOGUE: tuple[VariantSpec, ...] = (
         file="model.int8-u8s8.qdq.onnx",
         builder="build_ort_u8s8",
         format="onnx-qdq",
-        requires={
-            "arch": _X86,
-            "cpu_features_any": ("avx512_vnni", "avx_vnni", "amx_int8"),
-            "backend_min_version": ORT_MIN_VERSION,
-        },
+        requires={"arch": _X86, "backend_min_version": ORT_MIN_VERSION},
+        fast_on=_VNNI,
+        targets=("x86-vnni",),
         description="ONNX Runtime INT8 Q/DQ, u8 activations / s8 per-channel symmetric weights: the "
-        "x86 VNNI fast path (without VNNI, u8s8 needs reduce_range; not built).",
+        "x86 VNNI fast path. Without VNNI ONNX Runtime multiplies with VPMADDUBSW, whose 16-bit sums "
+        "saturate on 8-bit weights (measured on an AVX2 EPYC: accuracy 0.78 vs 1.00): see ort-int8-u8s8-rr.",
+    ),
+    VariantSpec(
+        id="ort-int8-u8s8-rr",
+        backend="onnxruntime",
+        precision="int8",
+        file="model.int8-u8s8-rr.qdq.onnx",
+        builder="build_ort_u8s8_rr",
+        format="onnx-qdq",
+        requires={"arch": _X86, "backend_min_version": ORT_MIN_VERSION},
+        fast_on=("avx2",),
+        targets=("x86-avx2",),
+        description="ONNX Runtime INT8 Q/DQ, u8 activations / 7-bit (reduce_range) per-channel symmetric "
+        "weights: u8 x s7 pair sums fit VPMADDUBSW's 16 bits, so x86 CPUs without VNNI compute it "
+        "exactly (ONNX Runtime's documented remedy).",
     ),
     VariantSpec(
         id="ort-int8-s8s8",
@@ -117,7 +140,9 @@ CATALOGUE: tuple[VariantSpec, ...] = (
         file="model.int8-s8s8.qdq.onnx",
         builder="build_ort_s8s8",
         format="onnx-qdq",
-        requires={"arch": _ARM, "cpu_features": ("asimddp",), "backend_min_version": ORT_MIN_VERSION},
+        requires={"arch": _ARM, "backend_min_version": ORT_MIN_VERSION},
+        fast_on=("asimddp",),
+        targets=("arm-dotprod",),
         description="ONNX Runtime INT8 Q/DQ, s8 symmetric activations and weights: the ARM "
         "dot-product (SDOT) path. On x86 ORT runs many of its convs in float, so it is ARM only.",
     ),
@@ -129,11 +154,9 @@ CATALOGUE: tuple[VariantSpec, ...] = (
         builder="build_ort_u8s8",
         format="onnx-qdq",
         options={"inference_precision": "f32"},
-        requires={
-            "arch": _X86,
-            "cpu_features_any": ("avx512_vnni", "avx_vnni", "amx_int8"),
-            "backend_min_version": OPENVINO_MIN_VERSION,
-        },
+        requires={"arch": _X86, "backend_min_version": OPENVINO_MIN_VERSION},
+        fast_on=_VNNI,
+        targets=("x86-vnni", "x86-avx2"),
         description="OpenVINO CPU INT8 running the same u8s8 Q/DQ graph as ort-int8-u8s8 (its "
         "low-precision transformations turn Q/DQ into int8 convolutions); non-quantized ops "
         "pinned to f32. Measured here: a Conv-only Q/DQ layout ran slower in OpenVINO (float "
@@ -157,11 +180,8 @@ CATALOGUE: tuple[VariantSpec, ...] = (
         file="model.fp32.onnx",
         builder="copy_fp32",
         options={"inference_precision": "bf16"},
-        requires={
-            "arch": _X86,
-            "cpu_features_any": ("avx512_bf16", "amx_bf16"),
-            "backend_min_version": OPENVINO_MIN_VERSION,
-        },
+        requires={"arch": _X86, "backend_min_version": OPENVINO_MIN_VERSION},
+        fast_on=("avx512_bf16", "amx_bf16"),
         description="OpenVINO CPU in bf16 (INFERENCE_PRECISION_HINT=bf16) on CPUs with native bf16.",
     ),
     VariantSpec(
@@ -260,12 +280,18 @@ class Host:
     gpus: tuple[tuple[str, str], ...] = ()  # (name, compute capability)
     libraries: Mapping[str, str] = field(default_factory=dict)
 
+    @property
+    def isa_family(self) -> str:
+        """The instruction-set family (agent.isa) whose numerics this host's gate proves."""
+        return isa_family(self.arch, self.cpu_flags)
+
     def describe(self) -> str:
-        """One line for reports: CPU model, cores, the ISA extensions that matter here."""
+        """One line for reports: CPU model, cores, the ISA extensions that matter here, the family."""
         isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
                            "asimddp", "asimdhp") if f in self.cpu_flags]
         gpu = f", GPU {', '.join(f'{n} (CC {cc})' for n, cc in self.gpus)}" if self.gpus else ", no GPU"
-        return f"{self.cpu_model} ({self.arch}, {self.cores} cores, {' '.join(isa) or 'baseline ISA'}){gpu}"
+        return (f"{self.cpu_model} ({self.arch}, {self.cores} cores, {' '.join(isa) or 'baseline ISA'}, "
+                f"family {self.isa_family}){gpu}")
 
     def unmet(self, requires: Mapping[str, Any]) -> list[str]:
         """Requirements (agent.manifest.Requires fields) this host does not meet, as sentences."""

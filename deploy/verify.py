@@ -7,9 +7,13 @@ for every model and version the index lists, and a little more:
 * ``index.json`` and each ``manifest.json`` carry a valid Ed25519 signature from a trusted key;
   each manifest's SHA-256 is the one the index records, and it describes the model and version
   its path says (no replayed manifest);
-* every variant file and self-test file exists, with the size and SHA-256 its manifest states;
+* every variant file, self-test file and the validation set exists, with the size and SHA-256
+  its manifest states;
 * every published variant passed the accuracy gate (``gate.passed``, no failures) and the
   fallback variant is FP32;
+* a variant not proven for some instruction-set family (no native or ISA-limited pass there, see
+  ``agent.isa.proof_needed``) needs the validation set, on which devices of that
+  family gate it: a manifest with such variants and no validation set is a problem;
 * nothing else sits in a version folder (a left-over file is reported, not fatal: agents only
   fetch what a signed manifest lists).
 
@@ -26,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import EdgeAgentError, RegistryError
+from agent.isa import FAMILIES, proof_needed
 from agent.manifest import (
+    Manifest,
     load_public_key,
     sha256_bytes,
     verify_file,
@@ -112,9 +118,38 @@ def _verify_version(registry: Path, model: str, version: str, manifest_rel: str,
     fallback = manifest.variant(manifest.fallback)
     if fallback.precision != "fp32":
         problems.append(f"fallback variant {fallback.id} is {fallback.precision}, not fp32")
+    problems += _check_validation_set(manifest, vdir, listed)
     present = {p.relative_to(vdir).as_posix() for p in vdir.rglob("*") if p.is_file()}
     stray = tuple(sorted(present - listed))
     return VersionReport(model, version, tuple(v.id for v in manifest.variants), tuple(problems), stray)
+
+
+#: the architecture of each instruction-set family (agent.isa)
+_FAMILY_ARCH = {"x86-vnni": "x86_64", "x86-avx2": "x86_64", "x86-baseline": "x86_64",
+                "arm-dotprod": "aarch64", "arm-baseline": "aarch64"}
+
+
+def _check_validation_set(manifest: Manifest, vdir: Path, listed: set[str]) -> list[str]:
+    """The validation set's size and digest; or, without one, the variants devices could not gate."""
+    vs = manifest.validation_set
+    if vs is not None:
+        listed.add(vs.file)
+        try:
+            verify_file(vdir / vs.file, vs.sha256, vs.size)
+        except RegistryError as exc:
+            return [f"validation set: {exc}"]
+        return []
+    unproven = []
+    for v in manifest.variants:
+        # target-less variants (FP32 on OpenVINO, ...) may run on any family their arch allows
+        runs_on = v.targets or [f for f in FAMILIES if not v.requires.arch or _FAMILY_ARCH.get(f) in v.requires.arch]
+        families = [f for f in runs_on if proof_needed(v, manifest.fallback, f).decision == "gate"]
+        if families:
+            unproven.append(f"{v.id} ({', '.join(families)})")
+    if not unproven:
+        return []
+    return [f"no validation set, but variants are not proven for every family they may run on: "
+            f"{'; '.join(unproven)}; devices of those families cannot gate them"]
 
 
 def verify_registry(registry: Path, public_keys: list[Path]) -> RegistryReport:

@@ -23,6 +23,8 @@ from agent.errors import RegistryError
 from agent.manifest import verify_file, verify_index, verify_manifest
 from agent.modelspec import load_spec
 from deploy.cli import main as cli
+from deploy.gate import isa_limited_families
+from deploy.variants import catalogue_by_id, host
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,8 +88,17 @@ def test_broken_calibration_fails_the_gate_and_is_not_published(broken: dict[str
     report = (build / "bench" / "report.md").read_text()
     assert re.search(r"`ort-int8-u8s8` failed the gate: .*\((over|short) by \d", report), report
     doc = json.loads((build / "bench" / "report.json").read_text())
-    fp32 = next(r for r in doc["variants"] if r["id"] == "fp32")
-    assert fp32["latency_ms_median"] > 0 and fp32["loadavg_before"]
+    rows = {r["id"]: r for r in doc["variants"]}
+    assert rows["fp32"]["latency_ms_median"] > 0 and rows["fp32"]["loadavg_before"]
+    # variants the gate refused are listed as such and never timed
+    for vid in ("ort-int8-u8s8", "trt-int8"):
+        assert rows[vid]["skipped"].startswith("refused by the gate: ") and "latency_ms_median" not in rows[vid]
+        assert f"`{vid}`: refused by the gate" in report
+    # the speed targets' baseline: ORT FP32 as a user runs it by default, beside the agent's FP32
+    default = rows["fp32-ort-default"]
+    assert default["latency_ms_median"] > 0 and default["options"] == {"allow_spinning": True}
+    assert doc["isa_family"] == host().isa_family == doc["target"]["isa_family"]
+    assert doc["target"]["baseline"] == "fp32-ort-default"
     assert (build / "bench" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -112,15 +123,38 @@ def test_fast_build_of_the_real_classifier(tmp_path: Path, keys: tuple[Path, Pat
     registry = tmp_path / "registry"
     rc = cli(["build", str(REPO / "models" / "mr-brain-cls"), "--key", str(keys[0]), "--out", str(registry),
               "--build", str(tmp_path / "build"), "--samples", "16", "--val-n", "40", "--skip-bench",
-              "--variants", "fp32,ort-int8-u8s8,ort-int8-s8s8,ov-int8"])
+              "--variants", "fp32,ort-int8-u8s8,ort-int8-u8s8-rr,ort-int8-s8s8,ov-int8"])
     assert rc == 0
     version = load_spec(REPO / "models" / "mr-brain-cls").version
     manifest = _verified(registry, "mr-brain-cls", keys[1].read_bytes(), version)
     variants = {v.id: v for v in manifest.variants}  # type: ignore[attr-defined]
-    assert set(variants) == {"fp32", "ort-int8-u8s8", "ort-int8-s8s8", "ov-int8"}
+    assert set(variants) == {"fp32", "ort-int8-u8s8", "ort-int8-u8s8-rr", "ort-int8-s8s8", "ov-int8"}
     assert all(v.selftest is not None and v.bench is None for v in variants.values())
-    assert variants["ort-int8-u8s8"].execution_precision == "int8"
     assert manifest.fallback == "fp32"  # type: ignore[attr-defined]
+    assert manifest.validation_set is not None and manifest.validation_set.n_samples == 40  # type: ignore[attr-defined]
+    me = host()
+    gates = {vid: v.isa_gates for vid, v in variants.items()}
+    # u8s8: proven natively on VNNI hosts; on AVX2 hosts its 8-bit weights saturate VPMADDUBSW, so
+    # it is published with a failed native x86-avx2 verdict (those devices skip it) and a simulated
+    # x86-vnni pass (what VNNI computes)
+    if me.isa_family == "x86-vnni":
+        assert gates["ort-int8-u8s8"]["x86-vnni"].method == "native" and gates["ort-int8-u8s8"]["x86-vnni"].passed
+    else:
+        assert gates["ort-int8-u8s8"]["x86-vnni"].method == "simulated" and gates["ort-int8-u8s8"]["x86-vnni"].passed
+    if me.isa_family == "x86-avx2":
+        native = gates["ort-int8-u8s8"]["x86-avx2"]
+        assert native.method == "native" and not native.passed and "accuracy" in native.summary
+    if me.isa_family in ("x86-avx2", "x86-vnni"):
+        assert variants["ort-int8-u8s8"].execution_precision == "int8"
+        # reduce_range: 7-bit weights fit 16-bit pair sums, so it is exact on every x86 family
+        rr = gates["ort-int8-u8s8-rr"][me.isa_family]
+        assert rr.method == "native" and rr.passed
+        assert gates["ov-int8"][me.isa_family].method == "native" and gates["ov-int8"][me.isa_family].passed
+        assert {f: g.method for f, g in gates["ov-int8"].items() if f != me.isa_family} == {
+            f: "isa-limited" for f in isa_limited_families(catalogue_by_id()["ov-int8"], me)}
+    if me.arch == "x86_64":  # s8s8 is ARM-only: gated by computing its arithmetic exactly
+        assert {f: (g.method, g.passed) for f, g in gates["ort-int8-s8s8"].items()} == {
+            "arm-dotprod": ("simulated", True)}
     assert cli(["verify", str(registry), "--pub", str(keys[1])]) == 0
 
 
@@ -139,8 +173,16 @@ def test_3d_report_splits_the_full_volume_time() -> None:
                 "full_volume_inference_ms": inside, "full_volume_outside_ms": outside, "full_volume_patches": 8}
 
     doc = _summarise(spec, [row("fp32", 400.0, 3200.0, 100.0), row("ov-int8", 50.0, 400.0, 100.0)],
-                     "test host", 2, 10, 2)
+                     "test host", 2, 10, 2, "x86-vnni")
+    # no default-ORT row measured: the agent's FP32 is the baseline; the x86-vnni CT goal is 6.0x
     assert doc["target"]["fastest"] == "ov-int8" and doc["target"]["speedup"] == 6.6 and doc["target"]["met"]
+    assert doc["target"]["goal_speedup"] == 6.0 and doc["target"]["baseline"] == "fp32"
+    # on an AVX2 host the same figures meet its 4.5x goal; where no goal is set, none is claimed
+    avx2 = _summarise(spec, [row("fp32", 400.0, 3200.0, 100.0), row("ov-int8", 50.0, 400.0, 100.0)],
+                      "test host", 2, 10, 2, "x86-avx2")["target"]
+    assert avx2["goal_speedup"] == 4.5 and avx2["met"]
+    assert _summarise(spec, [row("fp32", 400.0, 3200.0, 100.0)], "test host", 2, 10, 2,
+                      "arm-dotprod")["target"]["met"] is None
     assert doc["variants"][1]["speedup_full_volume_inference"] == 8.0
     text = render_markdown(doc)
     assert "Inference alone is 8.0x faster than FP32's" in text

@@ -26,13 +26,14 @@ from agent.config import Config
 from agent.engines import EngineManager
 from agent.errors import ActivationError
 from agent.inference.runner import FAULT_ENV, InferenceRunner, JobOutcome
+from agent.manifest import parse_manifest
 from agent.registry.client import RegistryClient
 from agent.registry.store import ModelStore
 from agent.types import Event, Instance, Series
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "conv-cls"
-INT8_X86 = {"ort-int8-u8s8", "ov-int8"}
+INT8_X86 = {"ort-int8-u8s8", "ort-int8-u8s8-rr", "ov-int8"}
 
 
 def make_conv_classifier(path: Path) -> None:
@@ -74,6 +75,8 @@ class Registry:
     public_key: Path
     model_dir: Path  # models.dir-style folder of the model (model.toml + FP32 model.onnx)
     series: tuple[Series, ...]  # MR series the model takes
+    build: Path  # the gated build folder 1.0.0 was published from
+    key: Path  # the signing key
 
 
 def _mr_series(folder: Path, seed: int) -> Series:
@@ -107,14 +110,14 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
     reg, build = root / "registry", root / "build"
     assert deploy_main(["build", str(model_dir), "--key", str(root / "keys/signing.key"), "--out", str(reg),
                         "--build", str(build), "--samples", "16", "--val-n", "40", "--skip-bench",
-                        "--variants", "fp32,ort-int8-u8s8,ort-int8-s8s8,ov-int8"]) == 0
+                        "--variants", "fp32,ort-int8-u8s8,ort-int8-u8s8-rr,ort-int8-s8s8,ov-int8"]) == 0
     build2 = root / "build2"
     shutil.copytree(build, build2)
     (build2 / "model.toml").write_text((build2 / "model.toml").read_text().replace('version = "1.0.0"',
                                                                                   'version = "2.0.0"'))
     publish_build(build2, reg, root / "keys/signing.key")
     series = tuple(_mr_series(root / f"mr{i}", 9100 + i) for i in range(3))
-    return Registry(reg.as_uri(), root / "keys/signing.pub", model_dir, series)
+    return Registry(reg.as_uri(), root / "keys/signing.pub", model_dir, series, build, root / "keys/signing.key")
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +181,20 @@ def test_activation_measures_picks_int8_and_a_restart_reuses_the_choice(
     assert results["fp32"].passed and results[act.variant].passed
     assert results[act.variant].latency_ms is not None and results["fp32"].latency_ms is not None
     assert not results["ort-int8-s8s8"].tried and "aarch64" in results["ort-int8-s8s8"].error
+    # this host built the registry: each variant's verdict for this host's family is native, and the
+    # device follows it (a refusal is never tried; a pass needs no device gate). Which way u8s8 goes
+    # depends on the family (its sums saturate without VNNI) and the model; never assume the family.
+    family = mgr.probe.cpu.isa_family
+    manifest = parse_manifest(store.installed(MODEL, "1.0.0").manifest_path.read_bytes())  # type: ignore[union-attr]
+    for vid in ("ort-int8-u8s8", "ort-int8-u8s8-rr", "ov-int8"):
+        verdict, trial = manifest.variant(vid).isa_gates[family], results[vid]
+        assert verdict.method == "native", (vid, verdict)
+        if verdict.passed:
+            assert trial.passed and trial.proof == f"passed the publisher's gate on {family} (native)", trial
+        else:
+            assert not trial.tried and trial.error.startswith(f"failed the publisher's gate on {family}"), trial
+    assert not [e for e in events if e.kind.startswith("engine.device_gate")]  # nothing left to prove here
+    assert f"accuracy: passed the publisher's gate on {family}" in act.reason
     activated = [e for e in events if e.kind == "engine.activated"]
     assert activated and activated[0].fields["correlation_id"] == "c-1"
     # cmd/selftest: the tried variants again, now; all pass, the event carries the correlation id
@@ -219,6 +236,108 @@ def test_activation_measures_picks_int8_and_a_restart_reuses_the_choice(
     by_id = {v["id"]: v for v in m["variants"]}
     assert by_id["fp32"]["passed"] and by_id["fp32"]["latency_ms"] > 0
     assert by_id["ort-int8-s8s8"]["tried"] is False
+
+
+def _republish(reg: Registry, version: str, change: dict[str, object]) -> Path:
+    """Publish the gated build again as ``version``, then apply ``change`` ({variant id: callable
+    taking (version folder, manifest entry)}) to the published files and manifest and sign the
+    result with the registry's key: what a publisher whose gate was wrong would ship."""
+    from agent.manifest import canonical_json, sha256_bytes
+    from deploy.publish import publish_build, update_index
+    from deploy.sign import load_private_key, public_pem, sign
+
+    copy = reg.build.parent / f"build-{version}"
+    shutil.copytree(reg.build, copy)
+    (copy / "model.toml").write_text((copy / "model.toml").read_text().replace('version = "1.0.0"',
+                                                                              f'version = "{version}"'))
+    registry = Path(reg.url.removeprefix("file://"))
+    publish_build(copy, registry, reg.key)
+    vdir = registry / MODEL / version
+    doc = json.loads((vdir / "manifest.json").read_text())
+    for entry in doc["variants"]:
+        if entry["id"] in change:
+            change[entry["id"]](vdir, entry)  # type: ignore[operator]
+    key = load_private_key(reg.key)
+    raw = canonical_json(doc)
+    (vdir / "manifest.json").write_bytes(raw)
+    (vdir / "manifest.json.sig").write_bytes(sign(key, raw))
+    update_index(registry, key, public_pem(key), MODEL, version, sha256_bytes(raw), doc["created_at"],
+                 [v["id"] for v in doc["variants"]])
+    return vdir
+
+
+def _unproven(vdir: Path, entry: dict) -> None:
+    """The manifest no longer says how the variant did on any family: the device must gate it."""
+    entry["isa_gates"] = {}
+
+
+def _wrong_but_self_consistent(vdir: Path, entry: dict) -> None:
+    """Replace the variant's graph by one whose classes come out rotated (a variant that computes
+    something else on this device), with a self-test vector recorded from that graph, so only an
+    accuracy check can tell; and drop its per-family verdicts so the device gate runs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from agent.manifest import sha256_file
+
+    path = vdir / entry["file"]
+    model = onnx.load(str(path))
+    out = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [f"{o}_raw" if o == out else o for o in node.output]
+    model.graph.initializer.append(helper.make_tensor("rotate", TensorProto.INT64, [4], [1, 2, 3, 0]))
+    model.graph.node.append(helper.make_node("Gather", [f"{out}_raw", "rotate"], [out], axis=1))
+    onnx.save(model, str(path))
+    npz = vdir / entry["selftest"]["file"]
+    with np.load(npz) as z:
+        arrays = {k: z[k] for k in z}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    arrays["expected"] = sess.run(None, {sess.get_inputs()[0].name: arrays["input"]})[0].astype(arrays["expected"].dtype)
+    with open(npz, "wb") as f:
+        np.savez(f, **arrays)
+    entry.update(sha256=sha256_file(path), size=path.stat().st_size, isa_gates={})
+    entry["selftest"].update(sha256=sha256_file(npz), size=npz.stat().st_size)
+
+
+def test_device_gate_refuses_a_variant_wrong_on_this_device_and_proves_an_unproven_one(
+        registry: Registry, runner: InferenceRunner, tmp_path: Path) -> None:
+    """A signed manifest whose INT8 variant computes something else than FP32 on this CPU (its
+    self-test recorded from that same graph, so the self-test passes) and no verdict for this
+    family: the device's own gate on the validation set refuses it at activation, with its figures,
+    and FP32 stays. A correct variant without a verdict for this family is gated and proven."""
+    version = "3.0.0"
+    _republish(registry, version, {"ort-int8-u8s8-rr": _wrong_but_self_consistent, "ov-int8": _unproven})
+    store = install(registry, tmp_path, version)
+    assert (store.installed(MODEL, version).path / "validation" / "set.npz").is_file()  # type: ignore[union-attr]
+    events: list[Event] = []
+    cfg = make_cfg(tmp_path)
+    mgr = EngineManager(cfg, store, cfg.db_path, events.append, runner=runner)
+    act = mgr.activate(MODEL, version)
+    results = {t.id: t for t in act.results}
+    family = mgr.probe.cpu.isa_family
+
+    wrong = results["ort-int8-u8s8-rr"]
+    assert wrong.tried and not wrong.passed, wrong
+    assert wrong.error.startswith("device accuracy gate: accuracy ") and "vs FP32" in wrong.error, wrong.error
+    assert "recall drop" in wrong.error
+    assert act.variant != "ort-int8-u8s8-rr" and results["fp32"].passed
+    proven = results["ov-int8"]
+    assert proven.passed and proven.proof.startswith(f"device accuracy gate on {family}: accuracy"), proven
+    gate_events = {e.fields["variant"]: e for e in events if e.kind == "engine.device_gate"}
+    assert set(gate_events) == {"ort-int8-u8s8-rr", "ov-int8"}
+    assert gate_events["ort-int8-u8s8-rr"].fields["passed"] is False
+    assert gate_events["ort-int8-u8s8-rr"].severity == "warning"
+    assert "accuracy" in gate_events["ort-int8-u8s8-rr"].fields["result"]
+    assert gate_events["ov-int8"].fields["passed"] is True
+    assert "engine.device_gate_started" in kinds(events)
+    # the refusal is remembered with the choice: a restart does not run the gate again
+    again = EngineManager(cfg, ModelStore(tmp_path), cfg.db_path, events.append,
+                          runner=InferenceRunner(Path("models"), threads=2, job_timeout_s=60))
+    act2 = again.activate(MODEL, version)
+    assert not act2.measured and {t.id: t for t in act2.results}["ort-int8-u8s8-rr"].error == wrong.error
+    again.close()
+    mgr.close()
 
 
 def test_failing_variant_falls_back_to_fp32_then_is_demoted(
@@ -335,7 +454,7 @@ def test_without_a_registry_model_the_models_dir_fp32_runs(
     assert pred is not None and (pred.model.variant, pred.model.backend, pred.model.version) == \
         ("fp32", "onnxruntime", "1.0.0")
     assert mgr.summary() == [{"name": MODEL, "version": "1.0.0", "variant": "fp32", "backend": "onnxruntime",
-                              "precision": "fp32", "source": "models.dir"}]
+                              "precision": "fp32", "accuracy": "", "source": "models.dir"}]
     mgr.close()
 
 

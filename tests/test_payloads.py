@@ -147,7 +147,7 @@ def test_status_payload_and_restamp() -> None:
     doc = parse_status(birth)
     assert doc["state"] == "online" and doc["started_at"] == "2024-05-01T12:00:00.000Z"
     assert doc["models"] == [{"name": "ct-abdomen-seg", "version": "1.0.0", "variant": "int8",
-                              "backend": "onnxruntime"}]
+                              "backend": "onnxruntime", "accuracy": ""}]
     off = parse_status(restamp_status(birth, seq=7, state="offline", reason="shutdown"))
     assert (off["state"], off["seq"], off["reason"]) == ("offline", 7, "shutdown")
     on = parse_status(restamp_status(restamp_status(birth, seq=7, state="offline", reason="x"), seq=8,

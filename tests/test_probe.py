@@ -93,6 +93,8 @@ def test_probe_this_machine_matches_proc_cpuinfo(tmp_path: Path) -> None:
         vnni = "avx512_vnni" in flags or "avx_vnni" in flags
         assert p.cpu.int8_path == ("vnni" if vnni else "avx2" if "avx2" in flags else "none")
         assert p.cpu.bf16 == bool({"avx512_bf16", "amx_bf16"} & flags)
+        assert p.cpu.isa_family == ("x86-vnni" if vnni or "amx_int8" in flags
+                                    else "x86-avx2" if "avx2" in flags else "x86-baseline")
     assert p.cpu.logical_cores == sum(1 for ln in Path("/proc/cpuinfo").read_text().splitlines()
                                       if ln.startswith("processor"))
     assert p.cpu.usable_cores == len(os.sched_getaffinity(0))
@@ -102,7 +104,8 @@ def test_probe_this_machine_matches_proc_cpuinfo(tmp_path: Path) -> None:
     assert doc["schema"] == SCHEMA and doc["cpu"]["int8_path"] == p.cpu.int8_path
     assert p.to_json() == p.to_json()  # deterministic
     s = p.summary()
-    assert set(s) == {"arch", "features", "int8_path", "bf16", "gpus", "jetson", "backends"}
+    assert set(s) == {"arch", "features", "int8_path", "isa_family", "bf16", "gpus", "jetson", "backends"}
+    assert s["isa_family"] == p.cpu.isa_family
     assert "onnxruntime" in s["backends"] and s["features"] == list(p.cpu.features)
 
 

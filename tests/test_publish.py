@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.accuracy import load_validation_set
 from agent.errors import RegistryError
 from agent.manifest import (
     key_id,
@@ -29,6 +30,7 @@ from agent.manifest import (
 from deploy.cli import main as cli
 from deploy.publish import PublishError, publish_build
 from deploy.sign import SigningError, keygen, load_private_key
+from deploy.variants import host
 from deploy.verify import VerifyError, verify_registry
 
 
@@ -115,9 +117,18 @@ def test_registry_verifies_and_holds_only_gated_variants(registry: Path, keys: t
         assert v.gate.passed and v.gate.batch_invariant
         assert v.selftest is not None
         verify_file(vdir / v.selftest.file, v.selftest.sha256, v.selftest.size)
+    assert manifest.schema_version == 2
     u8 = manifest.variant("ort-int8-u8s8")
-    assert u8.requires.arch == ("x86_64",) and "avx512_vnni" in u8.requires.cpu_features_any
-    assert u8.execution_precision.startswith("int8")
+    me = host()
+    # only the architecture is a requirement; VNNI is a speed hint, the family verdicts decide
+    assert u8.requires.arch == ("x86_64",) and not u8.requires.cpu_features_any
+    assert "avx512_vnni" in u8.fast_on and u8.targets == ("x86-vnni",)
+    assert u8.gate.isa_family == me.isa_family
+    vnni = u8.isa_gates["x86-vnni"]
+    assert vnni.passed and vnni.method == ("native" if me.isa_family == "x86-vnni" else "simulated") and vnni.summary
+    if me.arch == "x86_64":
+        assert u8.execution_precision.startswith("int8")
+        assert u8.isa_gates[me.isa_family].method == "native"
     assert manifest.drift is not None and manifest.drift.n_series == 24
     assert manifest.drift.outputs["predicted_class_counts"]
     assert manifest.spec["name"] == "mr-brain-cls" and manifest.calibration["method"] == "percentile"
@@ -303,3 +314,45 @@ def test_verify_with_the_wrong_key_or_a_tampered_manifest(registry: Path, keys: 
         verify_registry(tmp_path / "nothing-here", [keys[1]])
     with pytest.raises(VerifyError, match="cannot use public key"):
         verify_registry(registry, [tmp_path / "missing.pub"])
+
+
+# --------------------------------------------------------------------------------------------
+# The device validation set
+# --------------------------------------------------------------------------------------------
+
+
+def test_validation_set_is_published_with_its_digest(registry: Path, build: Path, keys: tuple[Path, Path]) -> None:
+    vdir = registry / "mr-brain-cls" / "1.0.0"
+    manifest = verify_manifest((vdir / "manifest.json").read_bytes(), (vdir / "manifest.json.sig").read_bytes(),
+                               [keys[1].read_bytes()])
+    vs = manifest.validation_set
+    assert vs is not None and vs.file == "validation/set.npz"
+    verify_file(vdir / vs.file, vs.sha256, vs.size)
+    assert (vdir / vs.file).read_bytes() == (build / "validation" / "set.npz").read_bytes()
+    samples = load_validation_set(vdir / vs.file)
+    assert len(samples) == vs.n_samples == 24 and samples.task == "classification"
+    assert 0.0 <= vs.reference["accuracy"] <= 1.0 and set(vs.reference) > {"accuracy"}  # + per-class recall
+
+
+def test_verify_rejects_a_tampered_validation_set(registry: Path, keys: tuple[Path, Path]) -> None:
+    path = registry / "mr-brain-cls" / "1.0.0" / "validation" / "set.npz"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    [version] = verify_registry(registry, [keys[1]]).versions
+    assert len(version.problems) == 1 and version.problems[0].startswith("validation set:")
+    assert "does not match" in version.problems[0]
+
+
+def test_verify_flags_unproven_variants_without_a_validation_set(registry: Path, keys: tuple[Path, Path]) -> None:
+    def strip(doc: dict) -> None:
+        doc["validation_set"] = None
+        for v in doc["variants"]:
+            if v["id"] == "ort-int8-u8s8":
+                v["isa_gates"] = {}  # proven nowhere: every x86-vnni device would have to gate it
+
+    _resign(registry, keys[0], strip)
+    (registry / "mr-brain-cls" / "1.0.0" / "validation" / "set.npz").unlink()
+    [version] = verify_registry(registry, [keys[1]]).versions
+    assert len(version.problems) == 1
+    assert "no validation set" in version.problems[0] and "ort-int8-u8s8 (x86-vnni)" in version.problems[0]

@@ -1,5 +1,5 @@
 """ModelUpdater against a REAL HTTP server on loopback serving a registry that ``edge-deploy build``
-produced (mr-brain-cls: fp32, ort-int8-u8s8, ort-int8-s8s8, ov-int8, with self-test vectors).
+produced (mr-brain-cls: fp32, ort-int8-u8s8, ort-int8-u8s8-rr, ort-int8-s8s8, ov-int8, with self-test vectors).
 
 Activation is a real function (``OrtActivator``): it loads the installed variants with ONNX Runtime
 and checks the manifest's self-test vectors; FP32 failing its self-test fails the activation.
@@ -35,7 +35,7 @@ from agent.types import Event
 
 MODEL = "mr-brain-cls"
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = "fp32,ort-int8-u8s8,ort-int8-s8s8,ov-int8"
+VARIANTS = "fp32,ort-int8-u8s8,ort-int8-u8s8-rr,ort-int8-s8s8,ov-int8"
 
 
 # ------------------------------------------------------------------------ registry from edge-deploy
@@ -114,6 +114,18 @@ def break_selftest(built: Built, vdir: Path, variant: str = "fp32") -> None:
     (vdir / "manifest.json.sig").write_bytes(sign(key, raw))
     update_index(vdir.parents[1], key, public_pem(key), MODEL, doc["version"], sha256_bytes(raw),
                  doc["created_at"], [v["id"] for v in doc["variants"]])
+
+
+def proven_here(registry: Path, version: str = "1.0.0") -> set[str]:
+    """The quantized variants of ``version`` whose published verdict for this host's instruction-set
+    family is a native pass: what a device of this family installs and may run without its own gate
+    (the build ran on this host, so its family's verdicts are native)."""
+    from deploy.variants import host
+
+    manifest = parse_manifest((registry / MODEL / version / "manifest.json").read_bytes())
+    family = host().isa_family
+    return {v.id for v in manifest.variants if v.id != manifest.fallback and family in v.isa_gates
+            and v.isa_gates[family].passed and v.isa_gates[family].method == "native"}
 
 
 # ------------------------------------------------------------------------------ activation
@@ -236,16 +248,18 @@ def test_pull_selects_the_vnni_int8_variants_and_activates(server: RegistryServe
     assert (o.model, o.ok, o.action, o.version, o.previous) == (MODEL, True, "installed", "1.0.0", None)
     installed = rig.store.current(MODEL)
     assert installed is not None
-    # this x86 machine has avx512_vnni and OpenVINO: the u8s8 file serves ORT and OpenVINO INT8;
-    # the ARM s8s8 variant is not even downloaded
-    assert set(installed.variants) == {"ort-int8-u8s8", "ov-int8", "fp32"}
+    # what this host's family may run: the INT8 variants the build (on this host) proved natively
+    # for it, and FP32; the ARM s8s8 variant is not even downloaded, nor a variant refused here
+    proven = proven_here(server.root)
+    assert set(installed.variants) == proven | {"fp32"}
+    assert "ort-int8-u8s8-rr" in proven  # 7-bit weights: exact on every x86 family
     assert not (installed.path / "model.int8-s8s8.qdq.onnx").exists()
-    assert o.variant == "ort-int8-u8s8"  # activation chose INT8, not the FP32 fallback
+    assert o.variant in proven and o.variant.startswith("ort-int8")  # INT8, not the FP32 fallback
     # current switched only after activation: it was still unset while the self-tests ran
     assert rig.activator.calls == [(MODEL, "1.0.0", "c-1", None)]
     (ev,) = rig.events
     assert ev.kind == "model.updated" and ev.fields["version"] == "1.0.0"
-    assert ev.fields["variant"] == "ort-int8-u8s8" and ev.fields["correlation_id"] == "c-1"
+    assert ev.fields["variant"] == o.variant and ev.fields["correlation_id"] == "c-1"
     # nothing new: up to date, no download, no activation
     server.requests.clear()
     o = only(rig.updater.pull_now())
@@ -497,7 +511,8 @@ def test_updater_from_config(built: Built, tmp_path: Path) -> None:
                                  "registry": {"url": built.registry.as_uri(), "public_key": str(built.pub)}})
     updater = updater_from_config(cfg, OrtActivator(ModelStore(tmp_path / "s")), lambda e: None)
     o = only(updater.pull_now())
-    assert (o.ok, o.version, o.variant) == (True, "1.0.0", "ort-int8-u8s8")  # a file:// registry works too
+    assert (o.ok, o.version) == (True, "1.0.0") and o.variant in proven_here(built.registry)  # file:// works too
+    assert o.variant.startswith("ort-int8")
 
 
 def wait_until(cond: Callable[[], bool], timeout: float) -> bool:

@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS engine_trials (
     key TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL, variant TEXT NOT NULL,
     backend TEXT NOT NULL, precision TEXT NOT NULL, passed INTEGER NOT NULL, error TEXT NOT NULL,
     max_abs_err REAL, latency_ms REAL, load_ms REAL, tried INTEGER NOT NULL, measured_at REAL NOT NULL,
-    PRIMARY KEY (key, variant));
+    proof TEXT NOT NULL DEFAULT '', PRIMARY KEY (key, variant));
 CREATE TABLE IF NOT EXISTS engine_choices (
     key TEXT PRIMARY KEY, model TEXT NOT NULL, version TEXT NOT NULL, variant TEXT NOT NULL,
     reason TEXT NOT NULL, key_doc TEXT NOT NULL, chosen_at REAL NOT NULL);
@@ -49,7 +49,8 @@ class VariantTrial:
     ``passed``: self-test within tolerance; ``error``: why not ("" when passed, or the reason it was
     not tried, e.g. "CPU lacks avx512_vnni"); ``tried``: False for variants skipped before running.
     ``max_abs_err``: largest deviation from the expected output; ``latency_ms``: fastest run time of
-    the self-test input (None when not timed).
+    the self-test input's first sample, batch 1 as jobs run (None when not timed). ``proof``: how its accuracy on this device's
+    instruction-set family is known (the publisher's verdict, or the device gate's figures).
     """
 
     id: str
@@ -61,6 +62,7 @@ class VariantTrial:
     latency_ms: float | None = None
     load_ms: float | None = None
     tried: bool = True
+    proof: str = ""
 
 
 def choice_key(model: str, version: str, manifest_sha256: str, backends: Mapping[str, str | None],
@@ -87,6 +89,9 @@ class ChoiceStore:
     def __init__(self, db_path: Any) -> None:
         self.conn: sqlite3.Connection = db.connect(db_path)
         self.conn.executescript(_SCHEMA)
+        columns = {r["name"] for r in self.conn.execute("PRAGMA table_info(engine_trials)")}
+        if "proof" not in columns:  # a database from before the device gate
+            self.conn.execute("ALTER TABLE engine_trials ADD COLUMN proof TEXT NOT NULL DEFAULT ''")
         self._lock = threading.RLock()
 
     def close(self) -> None:
@@ -102,7 +107,7 @@ class ChoiceStore:
                 return None
             rows = self.conn.execute("SELECT * FROM engine_trials WHERE key = ? ORDER BY rowid", (key,)).fetchall()
             trials = tuple(VariantTrial(r["variant"], r["backend"], r["precision"], bool(r["passed"]), r["error"],
-                                        r["max_abs_err"], r["latency_ms"], r["load_ms"], bool(r["tried"]))
+                                        r["max_abs_err"], r["latency_ms"], r["load_ms"], bool(r["tried"]), r["proof"])
                            for r in rows)
             return StoredChoice(row["variant"], row["reason"], row["chosen_at"], trials)
 
@@ -115,9 +120,10 @@ class ChoiceStore:
                 self.conn.execute("DELETE FROM engine_trials WHERE key = ?", (key,))
                 for t in trials:
                     self.conn.execute(
-                        "INSERT INTO engine_trials VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        "INSERT INTO engine_trials (key, model, version, variant, backend, precision, passed, error, "
+                        "max_abs_err, latency_ms, load_ms, tried, measured_at, proof) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                         (key, model, version, t.id, t.backend, t.precision, int(t.passed), t.error, t.max_abs_err,
-                         t.latency_ms, t.load_ms, int(t.tried), now))
+                         t.latency_ms, t.load_ms, int(t.tried), now, t.proof))
                 self.conn.execute("INSERT OR REPLACE INTO engine_choices VALUES (?,?,?,?,?,?,?)",
                                   (key, model, version, variant, reason, json.dumps(key_doc, sort_keys=True), now))
 

@@ -36,13 +36,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from agent.accuracy import headline, load_validation_set
 from agent.config import Config
 from agent.engines.choices import ChoiceStore, VariantTrial, choice_key
+from agent.engines.device_gate import judge_predictions
 from agent.engines.guard import JobGuard
 from agent.engines.selection import choose
 from agent.engines.selftest import agrees, judge, load_vector
 from agent.errors import ActivationError, BackendError, ModelSpecError, RegistryError
-from agent.inference.runner import InferenceJob, InferenceRunner, JobOutcome, ModelFile, TrialRequest
+from agent.inference.runner import (
+    InferenceJob,
+    InferenceRunner,
+    JobOutcome,
+    ModelFile,
+    TrialRequest,
+    ValidationRequest,
+)
+from agent.isa import Proof, proof_needed
 from agent.log import log_event
 from agent.manifest import Manifest, Variant, parse_manifest, sha256_bytes, verify_file
 from agent.modelspec import ModelSpec, load_spec
@@ -269,25 +279,35 @@ class EngineManager:
         return act
 
     def _measure(self, inst: _Installed) -> list[VariantTrial]:
-        """One trial per variant of the manifest, in its priority order (untried ones say why).
+        """One trial per variant of the manifest, in this device's order (untried ones say why).
 
         Variants are timed round robin, ``engines.trial_rounds`` passes, keeping each one's fastest
         pass: timed one after the other, a burst of other load lands on whichever variant runs then
         and can flip the choice. A variant that fails any pass is out, with that pass's reason.
+        Then every passing variant not proven on this CPU's instruction-set family runs the device
+        accuracy gate (``device_gate``); one that fails it is out, with its figures.
         """
         trials: dict[str, VariantTrial] = {}
+        proofs: dict[str, Proof] = {}
         candidates: list[Variant] = []
-        ordered = sorted(inst.manifest.variants, key=lambda v: v.priority)
+        ordered = self._ordered(inst.manifest)
+        family = self.probe.cpu.isa_family
         for v in ordered:
             ok, skip = self._compatible(v)
+            proof = proof_needed(v, inst.manifest.fallback, family)
             if ok and v.id not in inst.version.variants:
                 skip = "not installed on this device"
             elif ok and v.selftest is None:
                 skip = "the manifest has no self-test vector for it"
+            elif ok and proof.decision == "refused":
+                skip = proof.reason
+            elif ok and proof.decision == "gate" and inst.manifest.validation_set is None:
+                skip = f"{proof.reason}, and the manifest has no validation set to gate it here"
             if skip:
                 trials[v.id] = VariantTrial(v.id, v.backend, v.precision, False, skip, tried=False)
             else:
                 candidates.append(v)
+                proofs[v.id] = proof
         for _ in range(self.cfg.engines.trial_rounds):
             for v in candidates:
                 before = trials.get(v.id)
@@ -295,7 +315,69 @@ class EngineManager:
                     continue
                 now = self._trial(inst.version, v)
                 trials[v.id] = now if before is None or not now.passed else _faster_of(before, now)
+        gate = [v for v in candidates if trials[v.id].passed and proofs[v.id].decision == "gate"]
+        verdicts = self._device_gate(inst, gate) if gate else {}
+        for v in candidates:
+            t = trials[v.id]
+            if v.id in verdicts:
+                passed, text = verdicts[v.id]
+                trials[v.id] = replace(t, passed=passed, error="" if passed else f"device accuracy gate: {text}",
+                                       proof=f"device accuracy gate on {family}: {text}")
+            else:
+                trials[v.id] = replace(t, proof=proofs[v.id].reason)
         return [trials[v.id] for v in ordered]
+
+    def _ordered(self, manifest: Manifest) -> list[Variant]:
+        """The manifest's priority order, except that variants whose speed hints (``fast_on``) this
+        CPU lacks go after those it has: the hint orders, the measurement decides."""
+        flags = set(self.probe.cpu.flags)
+
+        def hinted(v: Variant) -> int:
+            return 0 if not v.fast_on or flags.intersection(v.fast_on) else 1
+
+        return sorted(manifest.variants, key=lambda v: (hinted(v), v.priority))
+
+    def _device_gate(self, inst: _Installed, variants: list[Variant]) -> dict[str, tuple[bool, str]]:
+        """Run FP32 and each of ``variants`` over the manifest's validation set in the worker and
+        judge each against FP32 with the model's thresholds: ``{id: (passed, figures)}``. When the
+        set itself or FP32's run fails, every variant fails with that reason (nothing unproven runs)."""
+        vset = inst.manifest.validation_set
+        assert vset is not None
+        m, version = inst.version.model, inst.version.version
+        spec = ModelSpec.model_validate(inst.manifest.spec)
+        path = inst.version.path / vset.file
+        family = self.probe.cpu.isa_family
+        self._event("engine.device_gate_started", "info", f"{m} {version}: gating {', '.join(v.id for v in variants)} "
+                    f"on this device ({family}) with {vset.n_samples} validation samples", None, model=m,
+                    version=version, variants=[v.id for v in variants], family=family, n_samples=vset.n_samples)
+        try:
+            verify_file(path, vset.sha256, vset.size)
+            samples = load_validation_set(path)
+        except (RegistryError, ValueError) as exc:
+            return {v.id: (False, f"validation set unusable: {exc}") for v in variants}
+        runner = self._trial_runner()
+        timeout = self.cfg.engines.gate_timeout_s
+        fb = inst.manifest.variant(inst.manifest.fallback)
+        ref = runner.validate(ValidationRequest(_model_file(inst.version, fb), path, spec), timeout_s=timeout)
+        if not ref.ok:
+            return {v.id: (False, f"FP32 could not run the validation set: {ref.kind}: {ref.error}") for v in variants}
+        log_event(logger, "engine.device_gate_progress", model=m, version=version, variant=fb.id, done=1,
+                  total=len(variants) + 1, seconds=ref.seconds)
+        out: dict[str, tuple[bool, str]] = {}
+        for n, v in enumerate(variants, start=2):
+            res = runner.validate(ValidationRequest(_model_file(inst.version, v), path, spec), timeout_s=timeout)
+            if not res.ok:
+                out[v.id] = (False, f"{res.kind}: {res.error}")
+            else:
+                verdict = judge_predictions(samples, ref.predictions, res.predictions, spec)
+                out[v.id] = (verdict.passed, f"{headline(verdict)} ({len(samples)} samples)")
+            log_event(logger, "engine.device_gate_progress", model=m, version=version, variant=v.id, done=n,
+                      total=len(variants) + 1, seconds=res.seconds, passed=out[v.id][0])
+            self._event("engine.device_gate", "info" if out[v.id][0] else "warning",
+                        f"{m} {version}: {v.id} {'passed' if out[v.id][0] else 'refused by'} the device accuracy "
+                        f"gate on {family}: {out[v.id][1]}", None, model=m, version=version, variant=v.id,
+                        passed=out[v.id][0], family=family, result=out[v.id][1], seconds=res.seconds)
+        return out
 
     def _trial(self, inst: InstalledVersion, v: Variant) -> VariantTrial:
         assert v.selftest is not None
@@ -401,15 +483,17 @@ class EngineManager:
         for name in registry:
             if name not in self._plans:  # not activated (yet): no variant to name
                 out.append({"name": name, "version": self.store.current_version(name) or "", "variant": "",
-                            "backend": "", "precision": "", "source": "registry"})
+                            "backend": "", "precision": "", "accuracy": "", "source": "registry"})
         for name, (spec, _) in sorted(self.local.items()):
             if name not in self._plans and name not in registry:
                 out.append({"name": name, "version": spec.version, "variant": "fp32", "backend": "onnxruntime",
-                            "precision": "fp32", "source": "models.dir"})
+                            "precision": "fp32", "accuracy": "", "source": "models.dir"})
         for name, plan in sorted(self._plans.items()):
             p = plan.primary
+            act = self._activations.get((name, plan.version))
+            proof = next((t.proof for t in act.results if t.id == p.variant), "") if act else ""
             out.append({"name": name, "version": plan.version or plan.spec.version, "variant": p.variant,
-                        "backend": p.backend, "precision": p.precision,
+                        "backend": p.backend, "precision": p.precision, "accuracy": proof,
                         "source": "registry" if plan.version else "models.dir"})
         return out
 
@@ -556,10 +640,11 @@ class EngineManager:
         for v in sorted(inst.manifest.variants, key=lambda v: v.priority):
             t = trials.get(v.id)
             row: dict[str, Any] = {"id": v.id, "backend": v.backend, "precision": v.precision,
-                                   "installed": v.id in inst.version.variants, "priority": v.priority}
+                                   "installed": v.id in inst.version.variants, "priority": v.priority,
+                                   "fast_on": list(v.fast_on), "targets": list(v.targets)}
             if t is not None:
                 row.update(tried=t.tried, passed=t.passed, error=t.error, max_abs_err=t.max_abs_err,
-                           latency_ms=t.latency_ms, load_ms=t.load_ms, measured_precision=t.precision)
+                           latency_ms=t.latency_ms, load_ms=t.load_ms, measured_precision=t.precision, proof=t.proof)
             if v.id in demoted:
                 row["demoted"] = demoted[v.id]
             variants.append(row)

@@ -4,7 +4,9 @@ Inputs: the variants in the manifest's priority order (the publisher's preferenc
 benchmarks) and each one's trial on this device (self-test verdict and measured latency).
 Rule:
 
-1. Only variants whose self-test passed here are candidates. The FP32 fallback must pass: it is
+1. Only variants whose self-test passed here, and whose accuracy is shown for this CPU's
+   instruction-set family (by the publisher's gate or the device's own, see device_gate.py), are
+   candidates. The FP32 fallback must pass: it is
    what every failure falls back to, so a version whose FP32 fails is not activated at all.
 2. The fastest candidate *as measured here* wins...
 3. ...except that a candidate earlier in the manifest's priority order is kept when it is within
@@ -48,6 +50,8 @@ def choose(model: str, version: str, fallback: str, trials: Sequence[VariantTria
         parts.append(f"preferred by the manifest over {fastest.id} {fastest.latency_ms:.3g} ms "
                      f"(within {prefer_margin:.0%})")
     reason = "fastest passing self-test on this device: " + ", ".join(parts)
+    if chosen.proof and chosen.id != fallback:
+        reason += f"; accuracy: {chosen.proof}"
     reason += f"; {len(passed)} of {len(trials)} variant(s) passed"
     if failed:
         reason += "; failed: " + ", ".join(f"{t.id} ({t.error})" for t in failed)

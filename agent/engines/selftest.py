@@ -7,6 +7,7 @@ any inference library. The worker returns raw outputs (self-test) or a per-job a
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +44,10 @@ class SelfTestVerdict:
 def load_vector(path: Path) -> SelfTestVector:
     """Read a self-test ``.npz``; ActivationError when it is unreadable or lacks its arrays."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
             x = np.asarray(npz["input"], dtype=np.float32)
             expected = np.asarray(npz["expected"], dtype=np.float32)
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ActivationError(f"self-test vector {path} is unreadable: {exc}") from exc
     if x.ndim < 2 or expected.ndim < 2 or x.shape[0] != expected.shape[0]:
         raise ActivationError(f"self-test vector {path}: input {x.shape} and expected {expected.shape} "

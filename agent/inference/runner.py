@@ -43,7 +43,9 @@ Without ``fault_injection`` the variable is ignored.
 
 Besides jobs, the worker runs *trials* (``trial``): load one model file on one backend, run a given
 input, time a few more runs. The engine manager (agent/engines) self-tests and times variants this
-way, in the same process and with the same threads as the jobs they will later run.
+way, in the same process and with the same threads as the jobs they will later run. It also runs
+*validations* (``validate``): one model file over a whole validation set, returning what it predicts
+for each sample, for the device's own accuracy gate (agent/engines/device_gate.py).
 
 A job may carry a ``shadow``: after the job's own model produced its prediction, the worker runs the
 same series through the shadow model (the FP32 fallback) and reports how far they agree
@@ -143,7 +145,9 @@ class ShadowOutcome:
 
 @dataclass(frozen=True)
 class TrialRequest:
-    """Load ``model`` and run ``inputs`` once (output returned), then ``bench_runs`` more times (timed)."""
+    """Load ``model`` and run ``inputs`` once (output returned), then time ``bench_runs`` runs of its
+    first sample: jobs run one slice or one sliding-window patch at a time, so batch 1 is the speed
+    that decides (at batch 4 two variants measured 1.2x apart at batch 1 came out even)."""
 
     model: ModelFile
     inputs: np.ndarray
@@ -162,6 +166,30 @@ class TrialOutcome:
     latency_ms: float = 0.0
     backend_version: str = ""
     precision: str = ""
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == "ok"
+
+
+@dataclass(frozen=True)
+class ValidationRequest:
+    """Load ``model`` and predict every sample of the validation set file ``set_path`` with it
+    (``agent.engines.device_gate.predict``: logits per slice, or a label map per volume)."""
+
+    model: ModelFile
+    set_path: Path
+    spec: ModelSpec
+
+
+@dataclass(frozen=True)
+class ValidationOutcome:
+    """What a validation did: ``predictions`` per sample, in the set's order, and how long it took."""
+
+    kind: JobKind
+    predictions: tuple[np.ndarray, ...] = ()
+    seconds: float = 0.0
     error: str = ""
 
     @property
@@ -402,6 +430,21 @@ class InferenceRunner:
             _, kind, output, load_ms, latency_ms, version, precision, error = reply
             return TrialOutcome(kind, output, load_ms, latency_ms, version, precision, error)
 
+    def validate(self, request: ValidationRequest, timeout_s: float | None = None) -> ValidationOutcome:
+        """Run ``request`` in the worker (see ValidationRequest); waits at most ``timeout_s`` (default
+        ``job_timeout_s``). Never raises for the model's or the file's failures."""
+        model = replace(request.model, variant_file=Path(request.model.variant_file).absolute())
+        request = replace(request, model=model, set_path=Path(request.set_path).absolute())
+        with self._job_lock:
+            reply = self._exchange(("validate", request, ""), timeout_s or self.job_timeout_s,
+                                   f"validate:{model.variant}")
+            if isinstance(reply, JobOutcome):
+                return ValidationOutcome(reply.kind, error=reply.error)
+            if len(reply) != 5:  # the worker's generic error reply (its answer could not be sent)
+                return ValidationOutcome("error", error=str(reply[3]))
+            _, kind, predictions, seconds, error = reply
+            return ValidationOutcome(kind, tuple(predictions or ()), seconds, error)
+
     def prefetch(self, paths: Sequence[Path], timeout_s: float | None = None) -> bool:
         """Have the worker decode the series ``paths`` now, while nothing else runs, so the job on
         the same files starts with the volume in memory. True when the worker holds it; a failure
@@ -569,6 +612,8 @@ def _worker_main(
             return
         if msg[0] == "trial":
             reply = worker.trial(msg[1])
+        elif msg[0] == "validate":
+            reply = worker.validate(msg[1])
         elif msg[0] == "prefetch":
             reply = worker.prefetch(msg[1])
         else:
@@ -685,16 +730,19 @@ class _Worker:
         Returns ``("done", kind, output, load_ms, latency_ms, version, precision, error)``."""
         m = request.model
         try:
-            options = {**dict(m.backend_options), "warmup_shape": tuple(request.inputs.shape)}
+            timed = np.ascontiguousarray(request.inputs[:1])
+            # warmed up (and, for OpenVINO, compiled statically) for the timed shape, as jobs run
+            options = {**dict(m.backend_options), "warmup_shape": tuple(timed.shape)}
             backend = self._registry.create(m.backend)
             t0 = time.perf_counter()
             backend.load(Path(m.variant_file), precision=m.precision, threads=self.threads, options=options)
             load_ms = (time.perf_counter() - t0) * 1000
             output = np.asarray(backend.run(request.inputs), dtype=np.float32)
+            backend.run(timed)  # once untimed: the first run of a shape may still allocate
             times = []
             for _ in range(max(1, request.bench_runs)):
                 t0 = time.perf_counter()
-                backend.run(request.inputs)
+                backend.run(timed)
                 times.append((time.perf_counter() - t0) * 1000)
             info = backend.describe()
             del backend  # free the session before the reply: trials load many variants in a row
@@ -709,6 +757,35 @@ class _Worker:
         except Exception as exc:
             logger.exception("worker.trial_failed")
             return ("done", "error", None, 0.0, 0.0, "", "", f"internal error: {type(exc).__name__}: {exc}")
+
+    def validate(self, request: ValidationRequest) -> tuple[Any, ...]:
+        """Load a model file fresh and predict every sample of a validation set with it.
+        Returns ``("done", kind, predictions, seconds, error)``."""
+        from agent.accuracy import load_validation_set
+        from agent.engines.device_gate import CLASSIFICATION_BATCH, predict
+
+        m, spec = request.model, request.spec
+        t0 = time.perf_counter()
+        try:
+            samples = load_validation_set(Path(request.set_path))
+            first = samples.inputs[0]
+            if spec.task == "classification":
+                warm: tuple[int, ...] = (min(CLASSIFICATION_BATCH, len(samples)), *first.shape)
+            else:
+                warm = _warmup_shape(spec) or (1, *first.shape)
+            backend = self._registry.create(m.backend)
+            backend.load(Path(m.variant_file), precision=m.precision, threads=self.threads,
+                         options={**dict(m.backend_options), "warmup_shape": warm})
+            predictions = predict(backend.run, samples, spec)
+            del backend  # free the session before the reply: a gate loads several variants in a row
+            return ("done", "ok", predictions, round(time.perf_counter() - t0, 2), "")
+        except MemoryError as exc:
+            return ("done", "oom", None, 0.0, f"out of memory: {exc or 'allocation failed'}")
+        except (EdgeAgentError, ValueError) as exc:
+            return ("done", "error", None, 0.0, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            logger.exception("worker.validate_failed")
+            return ("done", "error", None, 0.0, f"internal error: {type(exc).__name__}: {exc}")
 
     def _model(self, job: InferenceJob, owner: InferenceJob) -> tuple[ModelSpec, Backend]:
         """The loaded (spec, backend) for the job, from the cache when the files did not change.

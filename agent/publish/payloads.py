@@ -179,6 +179,9 @@ class StatusModel(_Strict):
     version: str
     variant: str
     backend: str
+    accuracy: str = Field("", description="how the running variant's accuracy on this device's instruction-set "
+                          "family is known (the publisher's verdict or the device gate's figures); '' for FP32 "
+                          "from models.dir or a version not activated yet")
 
 
 class GpuSummary(_Strict):
@@ -194,6 +197,7 @@ class DeviceSummary(_Strict):
     arch: str
     features: list[str] = Field(description="the CPU features that decide INT8/BF16 paths, as the kernel names them")
     int8_path: str
+    isa_family: str = Field("", description="agent.isa family: where quantized variants' accuracy must be shown")
     bf16: bool
     gpus: list[GpuSummary]
     jetson: str | None = None
@@ -358,9 +362,10 @@ def _status_models(models: Iterable[ModelRef | Mapping[str, Any]]) -> list[dict[
     out = []
     for m in models:
         if isinstance(m, ModelRef):
-            out.append({"name": m.name, "version": m.version, "variant": m.variant, "backend": m.backend})
+            out.append({"name": m.name, "version": m.version, "variant": m.variant, "backend": m.backend,
+                        "accuracy": ""})
         else:
-            out.append({k: str(m.get(k, "")) for k in ("name", "version", "variant", "backend")})
+            out.append({k: str(m.get(k, "")) for k in ("name", "version", "variant", "backend", "accuracy")})
     return out
 
 

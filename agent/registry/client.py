@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.errors import RegistryError
+from agent.isa import proof_needed
 from agent.log import log_event
 from agent.manifest import (
     Index,
@@ -254,6 +255,12 @@ class RegistryClient:
                 ok, reason = _tensorrt_precision_ok(v, p)
             if ok and not v.gate.passed:
                 ok, reason = False, "did not pass the accuracy gate"
+            if ok:
+                proof = proof_needed(v, manifest.fallback, p.cpu.isa_family)
+                if proof.decision == "refused":
+                    ok, reason = False, proof.reason
+                elif proof.decision == "gate" and manifest.validation_set is None:
+                    ok, reason = False, f"{proof.reason}, and the manifest has no validation set to gate it here"
             out.append(VariantChoice(v, ok, reason))
         return out
 
@@ -437,6 +444,10 @@ class RegistryClient:
             ids.append(manifest.fallback)  # the FP32 safety net travels with every install
         chosen = [manifest.variant(i) for i in dict.fromkeys(ids)]
         files = _files_of(chosen)
+        family = self.probe.cpu.isa_family
+        vset = manifest.validation_set
+        if vset is not None and any(proof_needed(v, manifest.fallback, family).decision == "gate" for v in chosen):
+            files[vset.file] = (vset.sha256, vset.size)  # the device gate runs on it at activation
 
         with self.store.lock(model):
             # files an installed copy of this version already has (verified when it was committed)

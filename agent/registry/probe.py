@@ -43,6 +43,7 @@ from typing import Any
 
 import psutil
 
+from agent.isa import describe_family, isa_family
 from agent.log import log_event
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,11 @@ class CpuInfo:
     flags: tuple[str, ...]
     int8_path: str
     bf16: bool
+    isa_family: str = ""  # agent.isa: the family whose gate verdicts apply; derived from arch + flags
+
+    def __post_init__(self) -> None:
+        if not self.isa_family:  # frozen: set once, here, so a CpuInfo built anywhere has it right
+            object.__setattr__(self, "isa_family", isa_family(self.arch, self.flags))
 
 
 @dataclass(frozen=True)
@@ -219,6 +225,7 @@ class Probe:
             "arch": self.cpu.arch,
             "features": list(self.cpu.features),
             "int8_path": self.cpu.int8_path,
+            "isa_family": self.cpu.isa_family,
             "bf16": self.cpu.bf16,
             "gpus": [{"name": g.name, "cc": g.compute_capability, "int8": g.int8, "fp8": g.fp8}
                      for g in self.nvidia.gpus],
@@ -360,6 +367,7 @@ def probe_cpu(sources: ProbeSources, dt_model: str = "") -> CpuInfo:
         flags=tuple(sorted(flags)),
         int8_path=derive_int8_path(arch, flags),
         bf16=derive_bf16(arch, flags),
+        isa_family=isa_family(arch, flags),
     )
 
 
@@ -848,6 +856,7 @@ def render_table(p: Probe) -> str:
                 f"{p.cpu.usable_cores} usable)"),
         ("cpu features", " ".join(p.cpu.features) or "-"),
         ("int8 path", p.cpu.int8_path),
+        ("isa family", f"{p.cpu.isa_family} ({describe_family(p.cpu.isa_family)})"),
         ("bf16", "yes" if p.cpu.bf16 else "no"),
         ("memory", f"{p.memory.total_mb} MB total, {p.memory.available_mb} MB available"),
         ("disk", f"{p.disk.free_mb} MB free of {p.disk.total_mb} MB at {p.disk.path}"),
