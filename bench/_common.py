@@ -41,16 +41,26 @@ def storescu_binary() -> str:
 
 
 def machine_line() -> str:
-    cpu = "unknown CPU"
+    """CPU model, instruction-set family (agent.isa) and the features that decide it, cores, load:
+    printed with every figure, since the machines this runs on differ from one day to the next."""
+    from agent.isa import isa_family
+
+    cpu, flags = "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and cpu == "unknown CPU":
+                cpu = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
     except OSError:
         pass
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    isa = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "asimddp")
+                   if f in flags) or "baseline"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, load {load:.2f}"
+    return (f"{cpu} [{isa_family(arch, flags)}: {isa}], {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}, load {load:.2f}")
 
 
 def start_agent(config: Path, log: Path) -> subprocess.Popen:
