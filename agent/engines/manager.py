@@ -295,12 +295,12 @@ class EngineManager:
         for v in ordered:
             ok, skip = self._compatible(v)
             proof = proof_needed(v, inst.manifest.fallback, family)
-            if ok and v.id not in inst.version.variants:
+            if ok and proof.decision == "refused":  # first: the pull did not download it for this reason
+                skip = proof.reason
+            elif ok and v.id not in inst.version.variants:
                 skip = "not installed on this device"
             elif ok and v.selftest is None:
                 skip = "the manifest has no self-test vector for it"
-            elif ok and proof.decision == "refused":
-                skip = proof.reason
             elif ok and proof.decision == "gate" and inst.manifest.validation_set is None:
                 skip = f"{proof.reason}, and the manifest has no validation set to gate it here"
             if skip:
