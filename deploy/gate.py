@@ -18,10 +18,13 @@ Takes a quantized build folder (``variants.json``) and:
    (and logits within a small tolerance);
 5. reads back the precision the runtime really executes (ONNX Runtime's optimized graph:
    integer vs float kernels per conv; OpenVINO's compiled model: runtime precision per layer);
-6. writes a self-test vector per passing variant (``selftest/<id>.npz``) and ``gate.json``.
+6. writes a self-test vector per passing variant (``selftest/<id>.npz``), the device validation
+   set (``validation/set.npz``) and ``gate.json``.
 
-A variant fails on any threshold; ``gate.json`` says which and by how much. Failed variants are
-never published.
+Each run gives a verdict for an instruction-set family (agent.isa): natively for this host's,
+by exact simulation for target families this host is not, with OpenVINO restricted to lower x86
+families; which runs, and what is published, is ``deploy.gate_families``. A variant fails a run on
+any threshold; ``gate.json`` says which and by how much, per family.
 """
 
 from __future__ import annotations
@@ -31,8 +34,6 @@ import collections
 import gc
 import json
 import logging
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,8 +59,17 @@ from agent.isa import ONEDNN_MAX_ISA
 from agent.manifest import sha256_file
 from agent.modelspec import ModelSpec, load_spec
 from deploy.calibrate import QuantConfig, config_from_args, sliding_window_patches
+from deploy.gate_families import (
+    GateRun,
+    IsaLimitedError,
+    isa_limited_families,
+    isa_limited_predictions,
+    merge_verdict,
+    plan_runs,
+    publishability,
+)
 from deploy.variants import (
-    Host,
+    SIM_BACKEND,
     VariantSpec,
     atomic_path,
     catalogue_by_id,
@@ -71,16 +81,12 @@ from deploy.variants import (
 
 __all__ = [
     "GateError",
-    "GateRun",
     "QdqSimulationBackend",
     "batch_invariance",
     "compare_classification",
     "compare_segmentation",
     "format_report",
     "gate",
-    "isa_limited_families",
-    "plan_runs",
-    "publishability",
 ]
 
 logger = logging.getLogger(__name__)
@@ -105,8 +111,6 @@ class GateError(EdgeAgentError):
 # Q/DQ simulation backend (TensorRT graphs on the CPU)
 # --------------------------------------------------------------------------------------------
 
-#: registry name of the simulation backend the gate runs TensorRT graphs on
-SIM_BACKEND = "onnxruntime-qdq-sim"
 #: ONNX Runtime graph rewrites that are wrong or unfaithful for explicit-quantization graphs:
 #: ``ReluQuantRewrite`` deletes a Relu feeding a QuantizeLinear, which is only right for integer
 #: types whose zero point is the bottom of the range; for FLOAT8E4M3FN (zero point 0, signed
@@ -409,99 +413,6 @@ def write_selftest(out: Path, v: VariantSpec, task: str, x: np.ndarray, expected
 
 
 # --------------------------------------------------------------------------------------------
-# Which runs prove a variant for which instruction-set family
-# --------------------------------------------------------------------------------------------
-
-#: x86 families, highest first: a host can restrict oneDNN to any family below its own
-X86_ORDER = ("x86-vnni", "x86-avx2", "x86-baseline")
-#: verdict methods, strongest first: a weaker one never replaces a stronger one for a family
-METHOD_RANK = {"native": 0, "isa-limited": 1, "simulated": 2}
-#: one ISA-limited worker (FP32-sized validation set through OpenVINO on restricted kernels)
-ISA_WORKER_TIMEOUT_S = 1800
-
-
-@dataclass(frozen=True)
-class GateRun:
-    """One way the gate runs a variant on this host.
-
-    ``method``: ``native`` (its own backend, on a host meeting its ``requires``), ``simulated``
-    (the Q/DQ arithmetic computed exactly, :class:`QdqSimulationBackend`) or ``stand-in`` (its own
-    or a CPU backend on a host it was not built for: TensorRT graphs, FP16 on x86; today's gate).
-    ``families``: the instruction-set families whose verdict this run gives (none for stand-ins).
-    """
-
-    method: str
-    backend: str
-    options: Mapping[str, Any]
-    families: tuple[str, ...]
-
-
-def integer_cpu(v: VariantSpec) -> bool:
-    """An INT8 Q/DQ graph for a CPU backend: the variants whose numbers depend on the CPU's
-    integer dot-product instructions."""
-    return v.precision == "int8" and v.backend in ("onnxruntime", "openvino") and v.format == "onnx-qdq"
-
-
-def plan_runs(v: VariantSpec, me: Host) -> list[GateRun]:
-    """The runs that gate ``v`` on ``me`` (in-process, on the full held-out set)."""
-    family = me.isa_family
-    if v.gate_backend:  # TensorRT: its graph on the CPU, as the gate always did
-        method = "simulated" if v.gate_backend == SIM_BACKEND else "stand-in"
-        return [GateRun(method, v.gate_backend, dict(v.gate_options), ())]
-    runs: list[GateRun] = []
-    if not me.unmet(v.requires):
-        runs.append(GateRun("native", v.backend, dict(v.options), (family,)))
-    elif not v.targets:
-        # built for other hardware but runnable here (FP16 on x86): a stand-in run as before; it
-        # proves nothing for any family, devices gate it themselves
-        runs.append(GateRun("stand-in", v.backend, dict(v.options), ()))
-    if integer_cpu(v) and family not in v.targets:
-        runs.append(GateRun("simulated", SIM_BACKEND, {}, tuple(v.targets)))
-    return runs
-
-
-def isa_limited_families(v: VariantSpec, me: Host) -> list[str]:
-    """Families below this host's that OpenVINO can be restricted to (``ONEDNN_MAX_CPU_ISA``) for
-    ``v``: only OpenVINO variants this host runs natively."""
-    if v.backend != "openvino" or v.gate_backend or me.unmet(v.requires) or me.isa_family not in X86_ORDER:
-        return []
-    mine = X86_ORDER.index(me.isa_family)
-    return [f for f in X86_ORDER[mine + 1:] if f in ONEDNN_MAX_ISA]
-
-
-def publishability(v: VariantSpec, primary_passed: bool, verdicts: Mapping[str, Mapping[str, Any]],
-                   fp32_passed: bool) -> tuple[bool, str]:
-    """Whether ``v`` may be published, and why, in words.
-
-    A variant with targets: no target family may have a failed verdict and at least one must have
-    a pass (any method); a failed verdict for a family it does not target is only recorded, so
-    devices of that family skip it. A variant without targets: its own run passed (as always).
-    """
-    if v.id != "fp32" and not fp32_passed:
-        return False, "FP32, the reference and fallback, failed the gate"
-    if not v.targets:
-        return primary_passed, "passed the gate" if primary_passed else "failed the gate"
-    failed = [f"{t} ({verdicts[t]['method']})" for t in v.targets if t in verdicts and not verdicts[t]["passed"]]
-    proven = [f"{t} ({verdicts[t]['method']})" for t in v.targets if verdicts.get(t, {}).get("passed")]
-    others = [f"{f} ({r['method']})" for f, r in sorted(verdicts.items()) if f not in v.targets and not r["passed"]]
-    tail = f"; fails on {', '.join(others)}: devices of that family skip it" if others else ""
-    if failed:
-        return False, f"failed for target family {', '.join(failed)}{tail}"
-    if not proven:
-        return False, f"no verdict for any target family ({', '.join(v.targets)}){tail}"
-    open_ = [t for t in v.targets if t not in verdicts]
-    rest = f"; {', '.join(open_)} devices gate it themselves" if open_ else ""
-    return True, f"passed for {', '.join(proven)}{rest}{tail}"
-
-
-def _merge_verdict(verdicts: dict[str, dict[str, Any]], family: str, verdict: dict[str, Any]) -> None:
-    """Record ``verdict`` for ``family`` unless a stronger method already gave one."""
-    have = verdicts.get(family)
-    if have is None or METHOD_RANK[verdict["method"]] < METHOD_RANK[have["method"]]:
-        verdicts[family] = verdict
-
-
-# --------------------------------------------------------------------------------------------
 # The device validation set (shipped in the manifest; ISA-limited runs use it too)
 # --------------------------------------------------------------------------------------------
 
@@ -536,85 +447,6 @@ def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     out = {"mean_dice": float(metrics["mean_dice"])}
     out.update({f"dice.{k}": float(d) for k, d in metrics["dice"].items()})
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# ISA-limited runs: OpenVINO restricted to a lower family, in a fresh process
-# --------------------------------------------------------------------------------------------
-
-
-def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """Our environment plus ``extra``, with this checkout first on the import path (the child
-    must run the same agent/deploy code, installed or not)."""
-    env = {**os.environ, **extra}
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-#: the child's entry: ``python -c`` rather than ``-m deploy.gate``, which would import this module
-#: a second time as __main__ (and register the simulation backend twice)
-_ISA_WORKER = "import sys; from deploy.gate import isa_limited_worker; sys.exit(isa_limited_worker(sys.argv[1]))"
-
-
-def isa_limited_predictions(model_dir: Path, v: VariantSpec, path: Path, set_path: Path, family: str,
-                            threads: int, work: Path) -> tuple[list[np.ndarray], dict[str, Any]]:
-    """``v``'s predictions on the validation set with OpenVINO's oneDNN restricted to ``family``
-    (``ONEDNN_MAX_CPU_ISA``, read once when oneDNN starts: hence a fresh process). Returns the
-    predictions and what the worker reported (kernels of its conv layers). GateError on failure."""
-    out = work / f"isa-{v.id}-{family}.npz"
-    cfg = {"model_dir": str(model_dir), "path": str(path), "backend": v.backend, "precision": v.precision,
-           "options": dict(v.options), "threads": threads, "set": str(set_path), "out": str(out)}
-    isa = ONEDNN_MAX_ISA[family]
-    try:
-        proc = subprocess.run([sys.executable, "-c", _ISA_WORKER, json.dumps(cfg)], capture_output=True, text=True,
-                              timeout=ISA_WORKER_TIMEOUT_S, check=False,
-                              env=_child_env({"ONEDNN_MAX_CPU_ISA": isa}))
-    except subprocess.TimeoutExpired as exc:
-        raise GateError(f"{v.id} with ONEDNN_MAX_CPU_ISA={isa}: no result after {ISA_WORKER_TIMEOUT_S} s") from exc
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines or not out.exists():
-        raise GateError(f"{v.id} with ONEDNN_MAX_CPU_ISA={isa}: worker exited {proc.returncode}: "
-                        f"{proc.stderr.strip()[-800:] or 'no output'}")
-    with np.load(out) as npz:
-        preds = [np.asarray(npz[f"pred_{i}"]) for i in range(len(npz.files))]
-    out.unlink()
-    return preds, json.loads(lines[-1])
-
-
-def isa_limited_worker(cfg_json: str) -> int:
-    """The child of :func:`isa_limited_predictions`: load the variant through the agent's registry,
-    predict the validation set (``agent.engines.device_gate.predict``), write the npz, print one
-    JSON line (the kernels OpenVINO chose for its conv layers: evidence the restriction held)."""
-    from agent.engines.device_gate import predict
-    from agent.inference import registry
-
-    cfg = json.loads(cfg_json)
-    spec = load_spec(Path(cfg["model_dir"]))
-    samples = load_validation_set(Path(cfg["set"]))
-    backend = registry.create(cfg["backend"])
-    options = {**cfg["options"], "warmup_shape": warmup_shape(spec)}
-    backend.load(Path(cfg["path"]), precision=cfg["precision"], threads=int(cfg["threads"]), options=options)
-    preds = predict(backend.run, samples, spec)
-    with open(cfg["out"], "wb") as f:
-        np.savez(f, **{f"pred_{i}": p for i, p in enumerate(preds)})  # type: ignore[arg-type]
-    kernels = _openvino_kernels(Path(cfg["path"]), str(cfg["options"].get("inference_precision", "f32")))
-    print(json.dumps({"kernels": kernels, "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}), flush=True)
-    return 0
-
-
-def _openvino_kernels(path: Path, hint: str) -> dict[str, int]:
-    """How many conv/matmul layers OpenVINO compiled to each kernel (``jit_avx2_I8``, ...)."""
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": hint})
-    counts: collections.Counter[str] = collections.Counter()
-    for op in compiled.get_runtime_model().get_ops():
-        info = op.get_rt_info()
-        if info["layerType"].astype(str) in ("Convolution", "Deconvolution", "FullyConnected", "MatMul"):
-            counts[info["primitiveType"].astype(str)] += 1
-    return dict(counts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -871,7 +703,7 @@ def gate(model_dir: Path, build: Path, cfg: QuantConfig, variant_ids: Sequence[s
             verdicts: dict[str, dict[str, Any]] = {}
             for r in done:
                 for fam in r.run.families:
-                    _merge_verdict(verdicts, fam, r.family_verdict(me.describe()))
+                    merge_verdict(verdicts, fam, r.family_verdict(me.describe()))
             if not done:
                 results[v.id] = {"passed": False, "file": rec["file"], "sha256": digest, "failures": errors,
                                  "isa_verdicts": {}, "isa_family": family, "targets": list(v.targets)}
@@ -882,11 +714,11 @@ def gate(model_dir: Path, build: Path, cfg: QuantConfig, variant_ids: Sequence[s
                 t_isa = time.perf_counter()
                 try:
                     verdict, worker = _isa_limited(ctx, v, path, set_path, fam, samples, fp32_device_preds, build)
-                except GateError as exc:
+                except (GateError, IsaLimitedError) as exc:
                     entry.setdefault("isa_limited_errors", {})[fam] = str(exc)
                     logger.error("variant %s on %s (isa-limited): %s", v.id, fam, exc)
                     continue
-                _merge_verdict(verdicts, fam, {"passed": verdict.passed, "method": "isa-limited",
+                merge_verdict(verdicts, fam, {"passed": verdict.passed, "method": "isa-limited",
                                                "summary": headline(verdict), "host": me.describe()})
                 entry.setdefault("isa_limited", {})[fam] = {
                     "onednn_max_cpu_isa": ONEDNN_MAX_ISA[fam], "n_samples": len(samples),

@@ -47,6 +47,8 @@ ORT_MIN_VERSION = "1.17"
 OPENVINO_MIN_VERSION = "2024.0"
 TENSORRT_MIN_INT8 = "10.0"
 TENSORRT_MIN_FP8 = "10.0"
+#: registry name of the backend the gate runs Q/DQ graphs on as exact arithmetic (deploy.gate)
+SIM_BACKEND = "onnxruntime-qdq-sim"
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,7 @@ CATALOGUE: tuple[VariantSpec, ...] = (
         file="model.trt-int8.qdq.onnx",
         builder="build_trt_int8",
         format="onnx-qdq",
-        gate_backend="onnxruntime-qdq-sim",
+        gate_backend=SIM_BACKEND,
         requires={
             "gpu": True,
             "gpu_compute_capability_min": "7.5",
@@ -231,7 +233,7 @@ CATALOGUE: tuple[VariantSpec, ...] = (
         file="model.trt-fp8.qdq.onnx",
         builder="build_trt_fp8",
         format="onnx-qdq",
-        gate_backend="onnxruntime-qdq-sim",
+        gate_backend=SIM_BACKEND,
         requires={
             "gpu": True,
             "gpu_compute_capability_min": "8.9",

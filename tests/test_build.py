@@ -23,7 +23,7 @@ from agent.errors import RegistryError
 from agent.manifest import verify_file, verify_index, verify_manifest
 from agent.modelspec import load_spec
 from deploy.cli import main as cli
-from deploy.gate import isa_limited_families
+from deploy.gate_families import isa_limited_families
 from deploy.variants import catalogue_by_id, host
 
 REPO = Path(__file__).resolve().parents[1]

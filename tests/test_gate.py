@@ -23,18 +23,10 @@ from agent.isa import ONEDNN_MAX_ISA
 from agent.manifest import sha256_file
 from agent.modelspec import GateSpec
 from deploy.calibrate import QuantConfig, calibrate
-from deploy.gate import (
-    SIM_BACKEND,
-    batch_invariance,
-    compare_classification,
-    compare_segmentation,
-    gate,
-    isa_limited_families,
-    plan_runs,
-    publishability,
-)
+from deploy.gate import batch_invariance, compare_classification, compare_segmentation, gate
+from deploy.gate_families import isa_limited_families, plan_runs, publishability
 from deploy.quantize import quantize
-from deploy.variants import Host, catalogue_by_id, host
+from deploy.variants import SIM_BACKEND, Host, catalogue_by_id, host
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["no_tumour", "glioma", "meningioma", "pituitary"]
