@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from agent.manifest import Variant
 
-__all__ = ["FAMILIES", "ONEDNN_MAX_ISA", "Proof", "describe_family", "isa_family", "proof_needed"]
+__all__ = ["FAMILIES", "ONEDNN_MAX_ISA", "Proof", "describe_family", "isa_family", "proof_needed", "refusal"]
 
 FAMILIES = ("x86-vnni", "x86-avx2", "x86-baseline", "arm-dotprod", "arm-baseline", "other")
 
@@ -93,3 +93,14 @@ def proof_needed(variant: Variant, fallback: str, family: str) -> Proof:
     # a manifest from before per-family verdicts lands here too: its gate proved one unknown family
     known = ", ".join(f"{k} ({v.method})" for k, v in sorted(variant.isa_gates.items())) or "none"
     return Proof("gate", f"not proven on {family} (publisher's verdicts: {known})")
+
+
+def refusal(proof: Proof, has_validation_set: bool) -> str:
+    """Why a variant with ``proof`` may not run on the device ("" when it may): a failed verdict for
+    its family, or a variant to be gated with no validation set to gate it on. The pull (what to
+    download) and the activation (what to try) ask this same question."""
+    if proof.decision == "refused":
+        return proof.reason
+    if proof.decision == "gate" and not has_validation_set:
+        return f"{proof.reason}, and the manifest has no validation set to gate it here"
+    return ""

@@ -51,6 +51,7 @@ from deploy.calibrate import config_from_args
 from deploy.variants import (
     atomic_path,
     catalogue_by_id,
+    child_env,
     default_build_dir,
     host,
     read_json,
@@ -209,15 +210,6 @@ def _worker_main(argv: Sequence[str]) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _worker_env() -> dict[str, str]:
-    """The worker's environment: ours, with this checkout first on the import path (the worker
-    must import the same agent/deploy code, installed or not)."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
 def _loadavg() -> list[float]:
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -370,7 +362,7 @@ def _measure(cfg: Mapping[str, Any]) -> dict[str, Any]:
     try:
         proc = subprocess.run([sys.executable, "-m", "deploy.bench", "--worker", json.dumps(cfg)],
                               capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, check=False,
-                              env=_worker_env())
+                              env=child_env())
     except subprocess.TimeoutExpired:
         out["error"] = f"timed out after {WORKER_TIMEOUT_S} s"
         return out

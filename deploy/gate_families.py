@@ -33,7 +33,7 @@ from agent.accuracy import load_validation_set
 from agent.errors import EdgeAgentError
 from agent.isa import ONEDNN_MAX_ISA
 from agent.modelspec import load_spec
-from deploy.variants import SIM_BACKEND, Host, VariantSpec
+from deploy.variants import SIM_BACKEND, Host, VariantSpec, child_env
 
 __all__ = [
     "GateRun",
@@ -150,15 +150,6 @@ def merge_verdict(verdicts: dict[str, dict[str, Any]], family: str, verdict: dic
 # --------------------------------------------------------------------------------------------
 
 
-def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """Our environment plus ``extra``, with this checkout first on the import path (the child
-    must run the same agent/deploy code, installed or not)."""
-    env = {**os.environ, **extra}
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
 #: the child's entry: ``python -c`` rather than ``-m``, which would import this module a second
 #: time as __main__
 _ISA_WORKER = "import sys; from deploy.gate_families import isa_limited_worker; sys.exit(isa_limited_worker(sys.argv[1]))"
@@ -176,7 +167,7 @@ def isa_limited_predictions(model_dir: Path, v: VariantSpec, path: Path, set_pat
     try:
         proc = subprocess.run([sys.executable, "-c", _ISA_WORKER, json.dumps(cfg)], capture_output=True, text=True,
                               timeout=ISA_WORKER_TIMEOUT_S, check=False,
-                              env=_child_env({"ONEDNN_MAX_CPU_ISA": isa}))
+                              env=child_env({"ONEDNN_MAX_CPU_ISA": isa}))
     except subprocess.TimeoutExpired as exc:
         raise IsaLimitedError(f"{v.id} with ONEDNN_MAX_CPU_ISA={isa}: no result after {ISA_WORKER_TIMEOUT_S} s") from exc
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

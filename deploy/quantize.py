@@ -173,6 +173,8 @@ def build_ort_qdq(
     """ONNX Runtime static INT8 Q/DQ model with per-channel symmetric s8 weights.
 
     ``activations``: ``"u8"`` (asymmetric u8, x86 VNNI) or ``"s8"`` (symmetric s8, ARM).
+    ``reduce_range``: 7-bit weights, for x86 without VNNI, whose VPMADDUBSW sums pairs of u8 x s8
+    products in 16 bits and saturates on 8-bit weights (VNNI and ARM SDOT sum in 32 bits: False).
     ``ranges_path``: the ORT calibration cache written by ``edge-deploy calibrate`` for
     ``method``; quantize_static loads it instead of running calibration again. Returns notes.
     """
@@ -205,7 +207,8 @@ def build_ort_qdq(
         )
         stripped = strip_output_qdq(tmp)
     return {"tool": "onnxruntime.quantization.quantize_static", "activations": activations,
-            "weights": "s7 (reduce_range) per-channel symmetric" if reduce_range else "s8 per-channel symmetric", "method": method, "extra_options": extra,
+            "weights": f"{'s7 (reduce_range)' if reduce_range else 's8'} per-channel symmetric",
+            "method": method, "extra_options": extra,
             "float_outputs": stripped}
 
 
@@ -486,13 +489,11 @@ def build_file(spec: VariantSpec, build: Path, calib: Mapping[str, Any], qcfg: M
         with atomic_path(out) as tmp:
             shutil.copyfile(src, tmp)
         return {"tool": "copy", "source": "model.onnx (verbatim)"}
-    if spec.builder == "build_ort_u8s8":
+    if spec.builder in ("build_ort_u8s8", "build_ort_u8s8_rr"):
         # ConvTranspose: ORT has no integer kernel for it (3D) and OpenVINO keeps it float too;
         # quantizing it would only add Q/DQ round trips
         return build_ort_qdq(pre, out, ranges, method, activations="u8",
-                             nodes_to_exclude=exclude + _conv_like_nodes(pre))
-    if spec.builder == "build_ort_u8s8_rr":
-        return build_ort_qdq(pre, out, ranges, method, activations="u8", reduce_range=True,
+                             reduce_range=spec.builder == "build_ort_u8s8_rr",
                              nodes_to_exclude=exclude + _conv_like_nodes(pre))
     if spec.builder == "build_ort_s8s8":
         return build_ort_qdq(pre, out, ranges, method, activations="s8",

@@ -478,6 +478,15 @@ def cleanup_on_interrupt(*paths: Path) -> Iterator[None]:
         raise
 
 
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Our environment plus ``extra``, with this checkout first on the import path: a worker
+    subprocess (bench, ISA-limited gate run) must run the same agent/deploy code, installed or not."""
+    env = {**os.environ, **(extra or {})}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def default_build_dir(model_name: str) -> Path:
     """``build/deploy/<model>``: where stages read and write unless ``--build`` says otherwise."""
     return Path("build") / "deploy" / model_name

@@ -12,7 +12,7 @@ import pytest
 
 from agent.accuracy import ValidationSamples, load_validation_set, write_validation_set
 from agent.engines.device_gate import judge_predictions, predict, score
-from agent.isa import isa_family, proof_needed
+from agent.isa import isa_family, proof_needed, refusal
 from agent.manifest import Variant
 from agent.modelspec import load_spec
 
@@ -65,6 +65,12 @@ def test_proof_needed_trusts_only_native_or_isa_limited_passes_for_the_devices_f
                         "arm-dotprod").decision == "refused"
     # a manifest from before per-family verdicts proves nothing about this device
     assert proof_needed(_variant(), "fp32", "x86-avx2").decision == "gate"
+    # what the pull and the activation skip: a refusal, or a variant to gate with nothing to gate it on
+    assert refusal(refused, has_validation_set=True) == refused.reason
+    unproven = proof_needed(_variant(), "fp32", "x86-avx2")
+    assert refusal(unproven, has_validation_set=True) == ""
+    assert refusal(unproven, has_validation_set=False).endswith("and the manifest has no validation set to gate it here")
+    assert refusal(proof_needed(native, "fp32", "x86-vnni"), has_validation_set=False) == ""
 
 
 def test_validation_set_round_trips_and_refuses_what_is_not_one(tmp_path: Path) -> None:

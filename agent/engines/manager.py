@@ -52,7 +52,7 @@ from agent.inference.runner import (
     TrialRequest,
     ValidationRequest,
 )
-from agent.isa import Proof, proof_needed
+from agent.isa import Proof, proof_needed, refusal
 from agent.log import log_event
 from agent.manifest import Manifest, Variant, parse_manifest, sha256_bytes, verify_file
 from agent.modelspec import ModelSpec, load_spec
@@ -295,14 +295,13 @@ class EngineManager:
         for v in ordered:
             ok, skip = self._compatible(v)
             proof = proof_needed(v, inst.manifest.fallback, family)
-            if ok and proof.decision == "refused":  # first: the pull did not download it for this reason
-                skip = proof.reason
+            refused = refusal(proof, inst.manifest.validation_set is not None)
+            if ok and refused:  # first: the pull did not download it for this reason
+                skip = refused
             elif ok and v.id not in inst.version.variants:
                 skip = "not installed on this device"
             elif ok and v.selftest is None:
                 skip = "the manifest has no self-test vector for it"
-            elif ok and proof.decision == "gate" and inst.manifest.validation_set is None:
-                skip = f"{proof.reason}, and the manifest has no validation set to gate it here"
             if skip:
                 trials[v.id] = VariantTrial(v.id, v.backend, v.precision, False, skip, tried=False)
             else:
@@ -316,7 +315,7 @@ class EngineManager:
                 now = self._trial(inst.version, v)
                 trials[v.id] = now if before is None or not now.passed else _faster_of(before, now)
         gate = [v for v in candidates if trials[v.id].passed and proofs[v.id].decision == "gate"]
-        verdicts = self._device_gate(inst, gate) if gate else {}
+        verdicts = self._device_gate(inst, gate, family) if gate else {}
         for v in candidates:
             t = trials[v.id]
             if v.id in verdicts:
@@ -337,7 +336,7 @@ class EngineManager:
 
         return sorted(manifest.variants, key=lambda v: (hinted(v), v.priority))
 
-    def _device_gate(self, inst: _Installed, variants: list[Variant]) -> dict[str, tuple[bool, str]]:
+    def _device_gate(self, inst: _Installed, variants: list[Variant], family: str) -> dict[str, tuple[bool, str]]:
         """Run FP32 and each of ``variants`` over the manifest's validation set in the worker and
         judge each against FP32 with the model's thresholds: ``{id: (passed, figures)}``. When the
         set itself or FP32's run fails, every variant fails with that reason (nothing unproven runs)."""
@@ -346,7 +345,6 @@ class EngineManager:
         m, version = inst.version.model, inst.version.version
         spec = ModelSpec.model_validate(inst.manifest.spec)
         path = inst.version.path / vset.file
-        family = self.probe.cpu.isa_family
         self._event("engine.device_gate_started", "info", f"{m} {version}: gating {', '.join(v.id for v in variants)} "
                     f"on this device ({family}) with {vset.n_samples} validation samples", None, model=m,
                     version=version, variants=[v.id for v in variants], family=family, n_samples=vset.n_samples)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.errors import RegistryError
-from agent.isa import proof_needed
+from agent.isa import proof_needed, refusal
 from agent.log import log_event
 from agent.manifest import (
     Index,
@@ -256,11 +256,8 @@ class RegistryClient:
             if ok and not v.gate.passed:
                 ok, reason = False, "did not pass the accuracy gate"
             if ok:
-                proof = proof_needed(v, manifest.fallback, p.cpu.isa_family)
-                if proof.decision == "refused":
-                    ok, reason = False, proof.reason
-                elif proof.decision == "gate" and manifest.validation_set is None:
-                    ok, reason = False, f"{proof.reason}, and the manifest has no validation set to gate it here"
+                why = refusal(proof_needed(v, manifest.fallback, p.cpu.isa_family), manifest.validation_set is not None)
+                ok, reason = not why, why
             out.append(VariantChoice(v, ok, reason))
         return out
 

@@ -367,7 +367,6 @@ def probe_cpu(sources: ProbeSources, dt_model: str = "") -> CpuInfo:
         flags=tuple(sorted(flags)),
         int8_path=derive_int8_path(arch, flags),
         bf16=derive_bf16(arch, flags),
-        isa_family=isa_family(arch, flags),
     )
 
 
