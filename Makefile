@@ -24,8 +24,10 @@ test: venv
 demo: venv
 	$(PY) -m deploy.demo
 
+# ruff on everything; mypy --strict (pydantic plugin; settings in pyproject.toml) on agent/ and deploy/
 lint: venv
 	$(VENV)/bin/ruff check agent deploy models tests bench
+	$(VENV)/bin/mypy
 
 train: venv
 	$(PY) models/ct-abdomen-seg/train.py

@@ -41,9 +41,9 @@ def storescu_binary() -> str:
 
 
 def machine_line() -> str:
-    """CPU model, instruction-set family (agent.isa) and the features that decide it, cores, load:
+    """CPU model, instruction-set family (agent.core.isa) and the features that decide it, cores, load:
     printed with every figure, since the machines this runs on differ from one day to the next."""
-    from agent.isa import isa_family
+    from agent.core.isa import isa_family
 
     cpu, flags = "unknown CPU", set()
     try:

@@ -31,7 +31,8 @@ from typing import Any
 
 def strip_verdicts(registry: Path, model: str, key: Path) -> None:
     """Remove every variant's ``isa_gates`` from the latest version of ``model`` and re-sign."""
-    from agent.manifest import canonical_json, sha256_bytes
+    from agent.core.manifest import canonical_json
+    from agent.core.util import sha256_bytes
     from deploy.publish import update_index
     from deploy.sign import load_private_key, public_pem, sign
 
@@ -59,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
-    from agent.config import Config
-    from agent.engines import EngineManager
-    from agent.registry.store import ModelStore
-    from agent.registry.updater import updater_from_config
-    from agent.types import Event
+    from agent.core.config import Config
+    from agent.core.types import Event
+    from agent.updates.store import ModelStore
+    from agent.updates.updater import updater_from_config
+    from agent.variants import VariantManager
 
     with tempfile.TemporaryDirectory(prefix="activation-bench-") as tmp:
         registry = args.registry
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             "registry": {"url": registry.resolve().as_uri(), "public_key": [str(args.pub)],
                          "models": [args.model], "poll_interval_s": 0}})
         events: list[Event] = []
-        engines = EngineManager(cfg, ModelStore(state), cfg.db_path, on_event=events.append)
+        engines = VariantManager(cfg, ModelStore(state), cfg.db_path, on_event=events.append)
         probe = engines.probe
         try:
             t0 = time.perf_counter()

@@ -14,13 +14,13 @@ that has only numpy and onnxruntime (an arm64 Debian root under QEMU user emulat
     FP32 and of the variant (the agent's ONNX Runtime backend, 2 threads), the variant's exact
     Q/DQ arithmetic (ORT with graph optimizations off: DequantizeLinear -> float Conv ->
     QuantizeLinear, no integer kernel involved) and the self-test vector with its tolerances,
-    built by ``deploy.gate.write_selftest`` exactly as the gate would on this machine.
+    built by ``deploy.gate_report.write_selftest`` exactly as the gate would on this machine.
 
 ``run`` (anywhere: numpy + onnxruntime ONLY, no project import)
     runs FP32 and the variant over the npz with the agent's ONNX Runtime session settings and
     prints/writes JSON: accuracy, per-class recall, argmax agreement with FP32 (same machine) and
     with x86 FP32, max |logit| differences, the gate verdict under model.toml's thresholds, the
-    self-test verdict (same rule as ``agent.engines.selftest.judge``), the CPU features ONNX
+    self-test verdict (same rule as ``agent.variants.selftest.judge``), the CPU features ONNX
     Runtime sees (AT_HWCAP/AT_HWCAP2 on aarch64) and the kernels in its profile.
 
 Usage::
@@ -64,9 +64,9 @@ AT_HWCAP, AT_HWCAP2 = 16, 26
 
 
 def _agent_backend(path: Path, threads: int) -> Any:
-    from agent.inference import registry
+    from agent.inference import catalog
 
-    backend = registry.create("onnxruntime")
+    backend = catalog.create("onnxruntime")
     backend.load(path, precision="fp32", threads=threads, options={"warmup_shape": (1, 1, 224, 224)})
     return backend
 
@@ -74,11 +74,12 @@ def _agent_backend(path: Path, threads: int) -> Any:
 def cmd_export(args: argparse.Namespace) -> int:
     repo = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(repo))
+    from agent.core.modelspec import load_spec
     from agent.imaging import load_series, prepare
-    from agent.modelspec import load_spec
     from deploy.calibrate import load_quant_config
     from deploy.evaluate import generate_heldout
-    from deploy.gate import write_selftest
+    from deploy.gate_report import write_selftest
+    from deploy.records import GateDoc, MeasuredVariant
     from deploy.variants import catalogue_by_id
 
     model_dir, build = Path(args.model), Path(args.build)
@@ -103,7 +104,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         refs[vid] = np.concatenate([backend.run(x[i:i + 1]) for i in range(len(x))]).astype(np.float32)
     qdq_exact = run_logits(build / FILES[VARIANT], x, args.threads, 8, optimize=False)
 
-    # the self-test vector as deploy.gate would write it for this variant on this machine: the
+    # the self-test vector as the gate would write it for this variant on this machine: the
     # first 4 validation slices, the variant's x86 output, tolerances from write_selftest
     v = catalogue_by_id()[VARIANT]
     k = 4
@@ -112,16 +113,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     st = write_selftest(out.with_name(f"selftest-{VARIANT}.npz"), v, spec.task, x[:k], refs[VARIANT][:k], refs["fp32"][:k])
     gate_json = build / "gate.json"
     gate_vector = build / "selftest" / f"{VARIANT}.npz"
-    if gate_vector.exists() and gate_json.exists():  # the gate passed it here: use its own vector
-        st = json.loads(gate_json.read_text())["variants"][VARIANT]["selftest"]
+    gated = GateDoc.read(gate_json).variants.get(VARIANT) if gate_json.exists() else None
+    if gate_vector.exists() and isinstance(gated, MeasuredVariant) and gated.selftest is not None:
+        st = gated.selftest  # the gate passed it here: use its own vector
         print(f"export: using the gate's own self-test vector {gate_vector}", file=sys.stderr)
         with np.load(gate_vector) as npz:
             st_in, st_exp = npz["input"], npz["expected"]
     else:
         print(f"export: no gate-written vector for {VARIANT} (the gate failed it on this CPU); "
-              "built one with deploy.gate.write_selftest", file=sys.stderr)
+              "built one with deploy.gate_report.write_selftest", file=sys.stderr)
         st_in, st_exp = x[:k], refs[VARIANT][:k]
-    selftest = {key: st[key] for key in ("atol", "rtol", "min_close_fraction", "min_argmax_agreement")}
+    selftest = {"atol": st.atol, "rtol": st.rtol, "min_close_fraction": st.min_close_fraction,
+                "min_argmax_agreement": st.min_argmax_agreement}
     np.savez_compressed(
         out, inputs=x, labels=np.asarray(labels, dtype=np.int64), label_names=np.asarray(spec.labels),
         ref_fp32_x86=refs["fp32"], ref_s8s8_x86=refs[VARIANT], ref_s8s8_qdq_exact=qdq_exact,
@@ -230,8 +233,8 @@ def cpu_features() -> dict[str, Any]:
 
 
 def judge(out: np.ndarray, expected: np.ndarray, t: dict[str, float]) -> dict[str, Any]:
-    """Copied from agent/engines/selftest.py::judge (numbers and rule unchanged), with the
-    agent.manifest.SelfTest fields (atol, rtol, min_close_fraction, min_argmax_agreement) as a dict."""
+    """Copied from agent/variants/selftest.py::judge (numbers and rule unchanged), with the
+    agent.core.manifest.SelfTest fields (atol, rtol, min_close_fraction, min_argmax_agreement) as a dict."""
     out = np.asarray(out, dtype=np.float32)
     if out.shape != expected.shape:
         return {"passed": False, "reason": f"output shape {out.shape}, expected {expected.shape}"}
@@ -259,7 +262,7 @@ def classification(logits: np.ndarray, labels: np.ndarray, names: list[str]) -> 
 
 
 def gate_verdict(ref: dict[str, Any], var: dict[str, Any], agreement: float, g: dict[str, float]) -> list[str]:
-    """deploy.gate.compare_classification's three tests (accuracy drop, recall drops, agreement)."""
+    """agent.core.accuracy.compare_classification's three tests (accuracy drop, recall drops, agreement)."""
     fails = []
     if ref["accuracy"] - var["accuracy"] > g["max_accuracy_drop"] + 1e-12:
         fails.append(f"accuracy drop {100 * (ref['accuracy'] - var['accuracy']):.2f} points")
@@ -322,7 +325,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             m["selftest"]["tolerances"] = meta["selftest"]
             # the same rule against a vector whose `expected` is the exact Q/DQ arithmetic (what a
             # build CPU that computes the graph faithfully would write), with the tolerances that
-            # deploy.gate.write_selftest derives for a non-simulated int8 classification variant
+            # deploy.gate_report.write_selftest derives for a non-simulated int8 classification variant
             exact = data["ref_s8s8_qdq_exact"][:len(st_out)]
             fp32_st = data["ref_fp32_x86"][:len(st_out)]
             tol = {"atol": max(float(np.percentile(np.abs(exact - fp32_st), 99)), 2e-3 * float(np.max(np.abs(exact)))),

@@ -124,10 +124,10 @@ def main() -> None:
 
     mr_int8 = args.mr_build / "model.int8-u8s8.qdq.onnx"
     if mr_int8.is_file() and int8.is_file():
-        from agent.inference import registry
+        from agent.inference import catalog
 
         def agent_ov(path: Path, shape: tuple[int, ...], static: bool) -> Callable[[np.ndarray], np.ndarray]:
-            backend = registry.create("openvino")
+            backend = catalog.create("openvino")
             backend.load(path, precision="int8", threads=2, options={"warmup_shape": shape, "static_shape": static})
             return backend.run
 
@@ -140,7 +140,7 @@ def main() -> None:
             {k: (lambda f=f: sliding_window_inference(ct, (64, 96, 96), 0.25, f)) for k, f in ct_ov.items()},
             args.rounds, 1)
         f32_parts = ct_ov["static_shape=True"]
-        bf16_backend = registry.create("openvino")
+        bf16_backend = catalog.create("openvino")
         bf16_backend.load(int8, precision="int8", threads=2,
                           options={"warmup_shape": (1, 1, 64, 96, 96), "inference_precision": "bf16"})
         floats = {"float parts f32 (ov-int8)": f32_parts, f"float parts {bf16_backend.describe().precision}": bf16_backend.run}

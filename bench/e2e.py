@@ -42,9 +42,9 @@ class BareInference:
         import numpy as np
         import onnxruntime as ort
 
+        from agent.core.modelspec import load_spec
         from agent.imaging.preprocess import prepare
         from agent.imaging.volume import load_series
-        from agent.modelspec import load_spec
 
         model_dir = REPO / "models" / "ct-abdomen-seg"
         self.spec = load_spec(model_dir)

@@ -12,7 +12,7 @@ model have to be" has measured answers on this machine.
 Weights are random (timing does not depend on them; accuracy is the gate's business, not this
 script's). Each model is exported to ONNX (opset 18, dynamic batch), quantized the way
 ``edge-deploy`` builds ``ort-int8-u8s8`` (QDQ, u8 activations, per-channel symmetric s8 weights),
-and run through the agent's own backends (``agent.inference.registry``: ONNX Runtime with the
+and run through the agent's own backends (``agent.inference.catalog``: ONNX Runtime with the
 agent's settings, spinning off; OpenVINO with its explicit precision hint) with 2 threads.
 Configurations are timed in interleaved rounds and keep their best round, so load drift hits all
 of them alike. Needs the deploy and openvino extras (torch, monai)::
@@ -110,7 +110,7 @@ def main() -> int:
 
     import torch
 
-    from agent.inference import registry
+    from agent.inference import catalog
 
     torch.set_num_threads(2)
     print(f"# {machine_line()}", file=sys.stderr)
@@ -128,7 +128,7 @@ def main() -> int:
             for name, backend, path, precision in [("ort_fp32", "onnxruntime", fp32, "fp32"),
                                                    ("ort_u8s8", "onnxruntime", q, "int8"),
                                                    ("ov_int8", "openvino", q, "int8")]:
-                b = registry.create(backend)
+                b = catalog.create(backend)
                 b.load(path, precision=precision, threads=2, options={})
                 runs[name] = b.run
             best = {k: float("inf") for k in runs}

@@ -11,19 +11,37 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.modelspec import load_spec
+from agent.core.modelspec import load_spec
 from deploy.calibrate import add_calibration_flags, calibrate, config_from_args
+from deploy.records import BenchTarget
 from deploy.variants import default_build_dir
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    """What one build did: the gate's verdicts, the speed target (None without a benchmark), the
+    published manifest and each stage's seconds."""
+
+    model: str
+    version: str
+    build: str
+    manifest: str
+    passed: tuple[str, ...]
+    failed: tuple[str, ...]
+    target: BenchTarget | None
+    isa_family: str
+    seconds: dict[str, float]
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def build(model_dir: Path, key: Path, registry: Path, args: argparse.Namespace) -> dict[str, Any]:
+def build(model_dir: Path, key: Path, registry: Path, args: argparse.Namespace) -> BuildSummary:
     """Run all stages for ``model_dir``; return a summary (stage timings, gate verdicts, targets,
     manifest path)."""
     from deploy.bench import bench
@@ -60,10 +78,9 @@ def build(model_dir: Path, key: Path, registry: Path, args: argparse.Namespace) 
     t = stage("publish")
     manifest = publish_build(out, registry, key, force=args.force)
     timings["publish"] = time.perf_counter() - t
-    return {"model": spec.name, "version": spec.version, "build": str(out), "manifest": str(manifest),
-            "passed": gdoc["passed"], "failed": gdoc["failed"], "target": bdoc["target"] if bdoc else None,
-            "isa_family": gdoc.get("isa_family", ""),
-            "seconds": {k: round(v, 1) for k, v in timings.items()}}
+    return BuildSummary(model=spec.name, version=spec.version, build=str(out), manifest=str(manifest),
+                        passed=gdoc.passed, failed=gdoc.failed, target=bdoc.target if bdoc else None,
+                        isa_family=gdoc.isa_family or "", seconds={k: round(v, 1) for k, v in timings.items()})
 
 
 def add_parser(subparsers: Any) -> None:
@@ -90,13 +107,13 @@ def add_parser(subparsers: Any) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     summary = build(args.model_dir, args.key, args.out, args)
-    print(f"{summary['model']} {summary['version']} (gated on {summary['isa_family']}): published "
-          f"{', '.join(summary['passed'])}"
-          + (f"; failed the gate: {', '.join(summary['failed'])}" if summary["failed"] else ""))
-    t = summary.get("target")
-    if t and t.get("goal_speedup"):
-        print(f"target for {t.get('isa_family')} {t['goal_speedup']}x over {t.get('baseline')} ({t['metric']}): "
-              f"{t.get('speedup')}x with {t.get('fastest')}: "
-              f"{'met' if t.get('met') else 'NOT met'}")
-    print(f"manifest: {summary['manifest']}  (stage seconds: {summary['seconds']})")
+    print(f"{summary.model} {summary.version} (gated on {summary.isa_family}): published "
+          f"{', '.join(summary.passed)}"
+          + (f"; failed the gate: {', '.join(summary.failed)}" if summary.failed else ""))
+    t = summary.target
+    if t and t.goal_speedup:
+        print(f"target for {t.isa_family} {t.goal_speedup}x over {t.baseline} ({t.metric}): "
+              f"{t.speedup}x with {t.fastest}: "
+              f"{'met' if t.met else 'NOT met'}")
+    print(f"manifest: {summary.manifest}  (stage seconds: {summary.seconds})")
     return 0

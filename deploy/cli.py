@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from agent.errors import EdgeAgentError
+from agent.core.errors import EdgeAgentError
 
 #: stage modules, in the order they appear in ``--help``
 STAGES = (

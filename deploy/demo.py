@@ -27,7 +27,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the agent is imported by the demo's steps, not when the module loads
+    from agent.core.status import ModelStatus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _say(msg: str) -> None:
@@ -52,7 +56,7 @@ DEMO_BUILD = ["--samples", "64", "--val-n", "240", "--skip-bench", "--variants",
 def demo_registry(root: Path, models_dir: Path, rebuild: bool = False) -> tuple[Path, Path]:
     """A signed registry of :data:`DEMO_MODEL` under ``root`` (registry folder, public key), built
     with ``edge-deploy build`` unless one built from the same model files and settings is there."""
-    from agent.manifest import sha256_file
+    from agent.core.util import sha256_file
     from deploy.cli import main as deploy_main
 
     model = models_dir / DEMO_MODEL
@@ -79,12 +83,12 @@ def demo_registry(root: Path, models_dir: Path, rebuild: bool = False) -> tuple[
 def pull_and_explain(cfg: Any) -> None:
     """Pull the registry as a device does and print what was chosen here and why."""
     from agent.cli import render_models
-    from agent.engines import EngineManager
-    from agent.isa import describe_family
-    from agent.registry.store import ModelStore
-    from agent.registry.updater import updater_from_config
+    from agent.core.isa import describe_family
+    from agent.updates.store import ModelStore
+    from agent.updates.updater import updater_from_config
+    from agent.variants import VariantManager
 
-    engines = EngineManager(cfg, ModelStore(cfg.storage.dir), cfg.db_path, on_event=lambda ev: None)
+    engines = VariantManager(cfg, ModelStore(cfg.storage.dir), cfg.db_path, on_event=lambda ev: None)
     try:
         p = engines.probe
         backends = ", ".join(f"{b.name} {b.version}" for b in p.backends if b.installed and not b.error)
@@ -101,21 +105,23 @@ def pull_and_explain(cfg: Any) -> None:
             if not o.ok:
                 raise RuntimeError(f"{o.model}: not activated ({o.stage}): {o.error}")
         _say(f"pulled and activated in {time.monotonic() - t0:.0f}s\n")
-        models = [m for m in engines.describe() if m["name"] == DEMO_MODEL]
+        models = [m for m in engines.describe() if m.name == DEMO_MODEL]
         print(render_models(models))
         print(_speedup(models[0]) + "\n", flush=True)
     finally:
         engines.close()
 
 
-def _speedup(model: dict[str, Any]) -> str:
-    rows = {v["id"]: v for v in model.get("variants", [])}
-    active = (model.get("active") or {}).get("variant")
+def _speedup(model: ModelStatus) -> str:
+    rows = {v.id: v for v in model.variants}
+    active = model.active.variant if model.active is not None else None
     chosen, fp32 = rows.get(active or ""), rows.get("fp32")
-    if not chosen or not fp32 or not chosen.get("latency_ms") or not fp32.get("latency_ms"):
+    chosen_ms = chosen.trial.latency_ms if chosen is not None and chosen.trial is not None else None
+    fp32_ms = fp32.trial.latency_ms if fp32 is not None and fp32.trial is not None else None
+    if chosen is None or not chosen_ms or not fp32_ms:
         return f"chosen: {active or 'none'} (no FP32 timing to compare with)"
-    return (f"chosen: {active} ({chosen['backend']} {chosen['precision']}), {chosen['latency_ms']:.3g} ms per slice "
-            f"vs FP32 {fp32['latency_ms']:.3g} ms: {fp32['latency_ms'] / chosen['latency_ms']:.2f}x faster "
+    return (f"chosen: {active} ({chosen.backend} {chosen.precision}), {chosen_ms:.3g} ms per slice "
+            f"vs FP32 {fp32_ms:.3g} ms: {fp32_ms / chosen_ms:.2f}x faster "
             "on this machine")
 
 
@@ -123,14 +129,15 @@ def run_demo(state_dir: Path, timeout_s: float = 600.0, seed: int = 2026,
              models_dir: Path = REPO / "models", registry_dir: Path = REPO / "var" / "demo-registry",
              rebuild: bool = False) -> int:
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
-    from agent.config import Config
+    from agent.cli.follow import format_result
+    from agent.core.config import Config
+    from agent.core.log import setup_logging
     from agent.ingest.scu import send_files
-    from agent.log import setup_logging
-    from agent.publish.broker import EmbeddedBroker, broker_reachable
-    from agent.publish.follow import format_result
-    from agent.publish.payloads import parse_result
+    from agent.mqtt.payloads import parse_result
     from agent.service import Service
+    from deploy.demo_broker import EmbeddedBroker, broker_reachable
     from deploy.synth import make_ct_phantom, make_mr_slice, write_ct_series, write_mr_series
 
     setup_logging("WARNING")
@@ -171,7 +178,7 @@ def run_demo(state_dir: Path, timeout_s: float = 600.0, seed: int = 2026,
     received: list[dict[str, Any]] = []
     got_all = threading.Event()
     subscribed = threading.Event()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+    client = mqtt.Client(CallbackAPIVersion.VERSION2,
                          protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311)
 
     def on_message(_c: Any, _u: Any, msg: Any) -> None:

@@ -3,7 +3,7 @@ compare live traffic against (KS / PSI / chi-square on these, see docs/manifest.
 
 :class:`DriftAccumulator` takes each series as it is prepared (raw volume, prepared model input,
 non-PHI metadata) and, later, the FP32 model's outputs; :meth:`DriftAccumulator.profile` returns
-the ``agent.manifest.DriftProfile``-shaped dict published in the manifest. Histograms use fixed
+the ``agent.core.manifest.DriftProfile``-shaped dict published in the manifest. Histograms use fixed
 edges decided up front (CT: HU; MR: set from the first series, see :func:`intensity_edges`) so the
 agent can bin live data identically; values outside fall into the end bins.
 """
@@ -71,10 +71,10 @@ class DriftAccumulator:
         """Add one series: ``raw`` volume in modality units, ``model_input`` the prepared array,
         ``meta`` the Volume's non-PHI metadata, ``spacing`` its (z, y, x) voxel spacing."""
         self.n_series += 1
-        if self._raw_edges is None:
+        if self._raw_edges is None or self._raw_counts is None:  # both are set by the first series
             self._raw_edges = intensity_edges(self.modality, raw)
             self._raw_counts = np.zeros(len(self._raw_edges) - 1, dtype=np.int64)
-        self._raw_counts += _hist(raw, self._raw_edges)  # type: ignore[operator]
+        self._raw_counts += _hist(raw, self._raw_edges)
         if self._in_edges is None:
             lo, hi = float(np.min(model_input)), float(np.max(model_input))
             pad = 0.25 * max(hi - lo, 1e-3)  # room for live data a little outside the reference
@@ -85,7 +85,7 @@ class DriftAccumulator:
         for key in NUMERIC_FIELDS:
             value = meta.get(key)
             if key == "pixel_spacing_mm" and meta.get("pixel_spacing"):
-                value = float(meta["pixel_spacing"][0])  # type: ignore[index]
+                value = float(meta["pixel_spacing"][0])
             if key == "spacing_z_mm" and spacing is not None:
                 value = float(spacing[0])
             if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
@@ -123,7 +123,7 @@ class DriftAccumulator:
         return outputs
 
     def profile(self, source: str) -> dict[str, Any]:
-        """The profile as a dict matching ``agent.manifest.DriftProfile``."""
+        """The profile as a dict matching ``agent.core.manifest.DriftProfile``."""
         if self._raw_edges is None or self._in_edges is None or self._in_counts is None:
             raise ValueError("no series added to the drift profile")
         numeric = {

@@ -4,10 +4,10 @@ The held-out set is generated into a temporary folder as real DICOM files with t
 (``deploy.synth.generate_ct`` / ``generate_mr``) and every series is run through EXACTLY the
 daemon's code path: ``agent.inference.pipeline.run_model_detailed`` (``load_series`` ->
 ``prepare`` -> sliding window or one batch -> ``restore_label_map`` + largest component ->
-statistics), on a backend from ``agent.inference.registry``. Nothing here re-implements
+statistics), on a backend from ``agent.inference.catalog``. Nothing here re-implements
 preprocessing or postprocessing.
 
-Scores (``agent.accuracy``):
+Scores (``agent.core.accuracy``):
 
 * segmentation: Dice per label on the SOURCE grid between the published label map (after the
   largest-component filter) and the phantom's ``labels.npy``, averaged over cases, their mean
@@ -39,13 +39,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from agent.accuracy import SegmentationScorer, classification_metrics
-from agent.errors import EdgeAgentError, ModelSpecError
-from agent.modelspec import ModelSpec, load_spec
+from agent.core.accuracy import SegmentationScorer, classification_metrics
+from agent.core.errors import EdgeAgentError, ModelSpecError
+from agent.core.modelspec import ModelSpec, load_spec
 
 __all__ = ["TRAINING_SEEDS", "add_parser", "evaluate_model", "generate_heldout", "main"]
 
@@ -109,15 +109,16 @@ def _load_backend(
     spec: ModelSpec, onnx_path: Path, backend_name: str, precision: str, threads: int
 ) -> Any:
     """A loaded backend from the agent's registry, warmed up on the model's input shape."""
-    from agent.inference import registry
+    from agent.inference import catalog
 
+    warm: tuple[int, ...] | None
     if spec.input.dims == 3:
         assert spec.input.patch_size is not None  # validated by ModelSpec for 3D models
         warm = (1, spec.input.channels, *spec.input.patch_size)
     else:
         size = spec.input.target_size
         warm = (1, spec.input.channels, *size) if size is not None else None
-    backend = registry.create(backend_name)
+    backend = catalog.create(backend_name)
     options: dict[str, Any] = {"warmup_shape": warm} if warm is not None else {}
     backend.load(onnx_path, precision=precision, threads=threads, options=options)
     return backend
@@ -139,8 +140,8 @@ def _run_cases(
     Module-level (picklable) so ``--workers`` can run it in spawned processes; each worker loads
     its own backend.
     """
+    from agent.core.types import ClassificationOutput, ModelRef, SegmentationOutput
     from agent.inference.pipeline import run_model_detailed
-    from agent.types import ModelRef, SegmentationOutput
 
     say = _stderr if verbose else _quiet
     spec = load_spec(model_dir)
@@ -178,17 +179,20 @@ def _run_cases(
                 true_ml = float(truth["labels"][name]["volume_ml"])
                 got_ml = float(outputs.labels[name].volume_ml)
                 volume_error[name] = 100.0 * (got_ml - true_ml) / true_ml if true_ml else float("inf")
-            record["dice"] = case["dice"]
+            # SegmentationScorer.add types its record loosely; "dice" is always {label: float}.
+            dice = cast("dict[str, float]", case["dice"])
+            record["dice"] = dice
             record["volume_error_pct"] = volume_error
             if keep_outputs:
                 record["label_map"] = run.label_map
             say(
-                f"  {folder.name}: mean Dice {np.mean(list(case['dice'].values())):.4f} "  # type: ignore[union-attr]
+                f"  {folder.name}: mean Dice {np.mean(list(dice.values())):.4f} "
                 f"({time.perf_counter() - t0:.1f} s)"
             )
         else:
-            label = run.prediction.outputs.label  # type: ignore[union-attr]
-            record["pred"] = spec.labels.index(label)
+            prediction = run.prediction.outputs
+            assert isinstance(prediction, ClassificationOutput)  # every non-segmentation task classifies
+            record["pred"] = spec.labels.index(prediction.label)
             record["truth"] = int(truth["class_index"])
             record["difficulty"] = str(truth.get("difficulty", ""))
             if keep_outputs:
@@ -309,7 +313,7 @@ def evaluate_model(
 # --- CLI ----------------------------------------------------------------------------------------
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Register ``edge-deploy evaluate``."""
     p = subparsers.add_parser(
         "evaluate",

@@ -1,4 +1,4 @@
-"""Which runs of ``edge-deploy gate`` prove a variant for which instruction-set family (agent.isa).
+"""Which runs of ``edge-deploy gate`` prove a variant for which instruction-set family (agent.core.isa).
 
 A quantized variant's numbers depend on the CPU's integer dot-product path, so the gate's verdict
 holds per family. For each variant the gate runs (:func:`plan_runs`):
@@ -6,7 +6,7 @@ holds per family. For each variant the gate runs (:func:`plan_runs`):
 * **native**: on this host with the variant's own backend, when the host meets its ``requires``:
   a verdict for the host's family;
 * **simulated**: integer CPU variants whose ``targets`` do not include the host's family, on the
-  exact Q/DQ arithmetic (``deploy.gate.QdqSimulationBackend``): a verdict for each target family,
+  exact Q/DQ arithmetic (``deploy.gate_runtime.QdqSimulationBackend``): a verdict for each target family,
   which publishes the variant but proves nothing to a device (it gates the variant itself);
 * **isa-limited**: OpenVINO variants again with oneDNN restricted to each lower x86 family
   (``ONEDNN_MAX_CPU_ISA``, read once at start: hence a fresh process, :func:`isa_limited_predictions`),
@@ -25,19 +25,21 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from agent.accuracy import load_validation_set
-from agent.errors import EdgeAgentError
-from agent.isa import ONEDNN_MAX_ISA
-from agent.modelspec import load_spec
+from agent.core.accuracy import load_validation_set
+from agent.core.errors import EdgeAgentError
+from agent.core.isa import ONEDNN_MAX_ISA
+from agent.core.manifest import IsaVerdict
+from agent.core.modelspec import load_spec
 from deploy.variants import SIM_BACKEND, Host, VariantSpec, child_env
 
 __all__ = [
     "GateRun",
     "IsaLimitedError",
+    "RunMethod",
     "integer_cpu",
     "isa_limited_families",
     "isa_limited_predictions",
@@ -63,18 +65,21 @@ METHOD_RANK = {"native": 0, "isa-limited": 1, "simulated": 2}
 #: one ISA-limited worker (FP32-sized validation set through OpenVINO on restricted kernels)
 ISA_WORKER_TIMEOUT_S = 1800
 
+#: how a :class:`GateRun` runs a variant (see there)
+RunMethod = Literal["native", "simulated", "stand-in"]
+
 
 @dataclass(frozen=True)
 class GateRun:
     """One way the gate runs a variant on this host.
 
     ``method``: ``native`` (its own backend, on a host meeting its ``requires``), ``simulated``
-    (the Q/DQ arithmetic computed exactly, :class:`QdqSimulationBackend`) or ``stand-in`` (its own
+    (the Q/DQ arithmetic computed exactly, ``deploy.gate_runtime.QdqSimulationBackend``) or ``stand-in`` (its own
     or a CPU backend on a host it was not built for: TensorRT graphs, FP16 on x86; today's gate).
     ``families``: the instruction-set families whose verdict this run gives (none for stand-ins).
     """
 
-    method: str
+    method: RunMethod
     backend: str
     options: Mapping[str, Any]
     families: tuple[str, ...]
@@ -90,7 +95,7 @@ def plan_runs(v: VariantSpec, me: Host) -> list[GateRun]:
     """The runs that gate ``v`` on ``me`` (in-process, on the full held-out set)."""
     family = me.isa_family
     if v.gate_backend:  # TensorRT: its graph on the CPU, as the gate always did
-        method = "simulated" if v.gate_backend == SIM_BACKEND else "stand-in"
+        method: RunMethod = "simulated" if v.gate_backend == SIM_BACKEND else "stand-in"
         return [GateRun(method, v.gate_backend, dict(v.gate_options), ())]
     runs: list[GateRun] = []
     if not me.unmet(v.requires):
@@ -113,7 +118,7 @@ def isa_limited_families(v: VariantSpec, me: Host) -> list[str]:
     return [f for f in X86_ORDER[mine + 1:] if f in ONEDNN_MAX_ISA]
 
 
-def publishability(v: VariantSpec, primary_passed: bool, verdicts: Mapping[str, Mapping[str, Any]],
+def publishability(v: VariantSpec, primary_passed: bool, verdicts: Mapping[str, IsaVerdict],
                    fp32_passed: bool) -> tuple[bool, str]:
     """Whether ``v`` may be published, and why, in words.
 
@@ -125,9 +130,9 @@ def publishability(v: VariantSpec, primary_passed: bool, verdicts: Mapping[str, 
         return False, "FP32, the reference and fallback, failed the gate"
     if not v.targets:
         return primary_passed, "passed the gate" if primary_passed else "failed the gate"
-    failed = [f"{t} ({verdicts[t]['method']})" for t in v.targets if t in verdicts and not verdicts[t]["passed"]]
-    proven = [f"{t} ({verdicts[t]['method']})" for t in v.targets if verdicts.get(t, {}).get("passed")]
-    others = [f"{f} ({r['method']})" for f, r in sorted(verdicts.items()) if f not in v.targets and not r["passed"]]
+    failed = [f"{t} ({verdicts[t].method})" for t in v.targets if t in verdicts and not verdicts[t].passed]
+    proven = [f"{t} ({verdicts[t].method})" for t in v.targets if t in verdicts and verdicts[t].passed]
+    others = [f"{f} ({r.method})" for f, r in sorted(verdicts.items()) if f not in v.targets and not r.passed]
     tail = f"; fails on {', '.join(others)}: devices of that family skip it" if others else ""
     if failed:
         return False, f"failed for target family {', '.join(failed)}{tail}"
@@ -138,10 +143,10 @@ def publishability(v: VariantSpec, primary_passed: bool, verdicts: Mapping[str, 
     return True, f"passed for {', '.join(proven)}{rest}{tail}"
 
 
-def merge_verdict(verdicts: dict[str, dict[str, Any]], family: str, verdict: dict[str, Any]) -> None:
+def merge_verdict(verdicts: dict[str, IsaVerdict], family: str, verdict: IsaVerdict) -> None:
     """Record ``verdict`` for ``family`` unless a stronger method already gave one."""
     have = verdicts.get(family)
-    if have is None or METHOD_RANK[verdict["method"]] < METHOD_RANK[have["method"]]:
+    if have is None or METHOD_RANK[verdict.method] < METHOD_RANK[have.method]:
         verdicts[family] = verdict
 
 
@@ -182,16 +187,18 @@ def isa_limited_predictions(model_dir: Path, v: VariantSpec, path: Path, set_pat
 
 def isa_limited_worker(cfg_json: str) -> int:
     """The child of :func:`isa_limited_predictions`: load the variant through the agent's registry,
-    predict the validation set (``agent.engines.device_gate.predict``), write the npz, print one
+    predict the validation set (``agent.inference.validation.predict``), write the npz, print one
     JSON line (the kernels OpenVINO chose for its conv layers: evidence the restriction held)."""
-    from agent.engines.device_gate import predict
-    from agent.inference import registry
+    from agent.inference import catalog
+    from agent.inference.validation import predict
 
     cfg = json.loads(cfg_json)
     spec = load_spec(Path(cfg["model_dir"]))
     samples = load_validation_set(Path(cfg["set"]))
-    backend = registry.create(cfg["backend"])
-    from deploy.gate import warmup_shape  # the worker is a fresh process: no import cycle at load time
+    backend = catalog.create(cfg["backend"])
+    # the worker is a fresh process: importing the gate's runtime here keeps it out of every
+    # process that only plans runs
+    from deploy.gate_runtime import warmup_shape
 
     options = {**cfg["options"], "warmup_shape": warmup_shape(spec)}
     backend.load(Path(cfg["path"]), precision=cfg["precision"], threads=int(cfg["threads"]), options=options)

@@ -4,7 +4,7 @@ Takes one or more build folders (``--from``; default every folder under ``build/
 a ``gate.json``) and a registry folder (``--out``) and writes, per model version::
 
     REGISTRY/index.json (+ index.json.sig)        merged with what the registry already holds
-    REGISTRY/<model>/<version>/manifest.json       agent.manifest.Manifest, canonical JSON
+    REGISTRY/<model>/<version>/manifest.json       agent.core.manifest.Manifest, canonical JSON
     REGISTRY/<model>/<version>/manifest.json.sig   Ed25519 over the exact manifest bytes (64 bytes)
     REGISTRY/<model>/<version>/<variant files>     only variants the gate found publishable
     REGISTRY/<model>/<version>/selftest/<id>.npz   self-test vectors
@@ -15,7 +15,7 @@ at least one of their target instruction-set families and failed for none), and 
 on disk is byte-identical (SHA-256) to the file the gate validated. Each carries the gate's
 verdict per family (``isa_gates``): a device whose family has a failed verdict skips the variant,
 one with a native or ISA-limited pass uses it, any other gates it on the validation set first
-(``agent.engines.device_gate``). FP32 must pass (it is the fallback every device can run). A version is staged in a hidden folder next to its final place, verified (signature and
+(``agent.variants.device_gate``). FP32 must pass (it is the fallback every device can run). A version is staged in a hidden folder next to its final place, verified (signature and
 every digest), then renamed into place in one step, so an interrupted publish (Ctrl-C) leaves the
 registry as it was. Published versions are immutable: re-publishing one needs ``--force``.
 """
@@ -27,13 +27,12 @@ import logging
 import os
 import re
 import shutil
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.errors import EdgeAgentError
-from agent.manifest import (
+from agent.core.errors import EdgeAgentError
+from agent.core.manifest import (
     SCHEMA_VERSION,
     Index,
     Manifest,
@@ -45,14 +44,14 @@ from agent.manifest import (
     verify_file,
     verify_manifest,
 )
-from agent.modelspec import load_spec
+from agent.core.modelspec import load_spec
+from agent.core.util import atomic_write, iso_utc
+from deploy.records import BenchReport, BenchRow, GateDoc, MeasuredVariant, VariantsDoc
 from deploy.sign import load_private_key, public_pem, sign
-from deploy.variants import (
-    atomic_write,
-    catalogue_by_id,
-    host,
-    read_json,
-)
+from deploy.variants import VariantSpec, catalogue_by_id, host, read_json
+
+if TYPE_CHECKING:  # cryptography is imported where a key is used, not when the CLI starts
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +69,7 @@ def _version_key(version: str) -> tuple[Any, ...]:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.+-]", version))
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _priorities(passed: Sequence[str], bench_rows: Mapping[str, Mapping[str, Any]], is_3d: bool) -> dict[str, int]:
+def _priorities(passed: Sequence[str], bench_rows: Mapping[str, BenchRow], is_3d: bool) -> dict[str, int]:
     """Rank passing variants (0 = try first among those a device can run).
 
     TensorRT first (FP8, INT8, FP16). Then the CPU variants this build host can represent (it
@@ -88,8 +83,9 @@ def _priorities(passed: Sequence[str], bench_rows: Mapping[str, Mapping[str, Any
     key = "full_volume_ms" if is_3d else "latency_ms_median"
     gpu = [v for v in _GPU_ORDER if v in passed]
     cpu = [v for v in passed if v not in gpu]
-    representative = [v for v in cpu if key in bench_rows.get(v, {}) and not bench_rows[v].get("note")]
-    measured = sorted(representative, key=lambda v: bench_rows[v][key])
+    figures = {v: row.figure(key) for v, row in bench_rows.items() if not row.note}
+    timed = {v: f for v, f in figures.items() if f is not None}
+    measured = sorted((v for v in cpu if v in timed), key=lambda v: timed[v])
     if "fp32" not in measured and "fp32" in cpu:
         measured.append("fp32")
     foreign = [v for v in cpu if v not in measured]
@@ -106,103 +102,56 @@ def build_manifest(build: Path, key_pem: bytes) -> tuple[dict[str, Any], list[tu
     to copy. Raises PublishError when FP32 did not pass or a file differs from what was gated."""
     spec = load_spec(build)  # the model.toml copied at calibration time
     calib = read_json(build / "calibration.json")
-    vdoc = read_json(build / "variants.json")
-    gdoc = read_json(build / "gate.json") if (build / "gate.json").exists() else None
-    if gdoc is None:
+    vdoc = VariantsDoc.read(build / "variants.json")
+    if not (build / "gate.json").exists():
         raise PublishError(f"{build}: no gate.json; run `edge-deploy gate` first (nothing ungated is published)")
+    gdoc = GateDoc.read(build / "gate.json")
     bench_path = build / "bench" / "report.json"
-    bdoc = read_json(bench_path) if bench_path.exists() else None
-    bench_rows = {r["id"]: r for r in (bdoc or {}).get("variants", [])}
+    bdoc = BenchReport.read(bench_path) if bench_path.exists() else None
+    bench_rows = {r.id: r for r in (bdoc.variants if bdoc else ())}
     known = catalogue_by_id()
-    gated = gdoc["variants"]
-    if not gated.get("fp32", {}).get("passed"):
-        raise PublishError(f"{spec.name}: the fp32 variant did not pass the gate ({gated.get('fp32', {}).get('failures')}); "
+    gated = gdoc.variants
+    fp32 = gated.get("fp32")
+    if fp32 is None or not fp32.passed:
+        failures = list(fp32.failures) if fp32 is not None else None
+        raise PublishError(f"{spec.name}: the fp32 variant did not pass the gate ({failures}); "
                            "nothing is published without the fallback")
 
-    passed = [r["id"] for r in vdoc["variants"] if r.get("built") and _publishable(gated.get(r["id"], {}))]
+    passed = [r.id for r in vdoc.variants if r.built and r.id in gated and gated[r.id].may_publish]
     prio = _priorities(passed, bench_rows, spec.input.dims == 3)
     files: dict[str, str] = {}  # registry name -> sha256 (variants may share one file)
     copies: list[tuple[Path, str]] = []
     variants = []
-    for rec in vdoc["variants"]:
-        vid = rec["id"]
-        if vid not in passed:
+    for rec in vdoc.variants:
+        if rec.id not in passed:
             continue
-        v = known[vid]
-        g = gated[vid]
-        path = build / rec["file"]
+        g = gated[rec.id]
+        if not isinstance(g, MeasuredVariant):
+            raise PublishError(f"{rec.id}: gate.json marks it publishable without its figures; re-run the gate")
+        path = build / rec.file
         digest = sha256_file(path)
-        if digest != g["sha256"] or digest != rec["sha256"]:
-            raise PublishError(f"{path.name}: sha256 {digest} differs from the gated file {g['sha256']}; re-run the gate")
-        if rec["file"] not in files:
-            files[rec["file"]] = digest
-            copies.append((path, rec["file"]))
-        selftest = None
-        if g.get("selftest"):
-            st = g["selftest"]
-            st_path = build / st["file"]
-            if sha256_file(st_path) != st["sha256"]:
+        if digest != g.sha256 or digest != rec.digest:
+            raise PublishError(f"{path.name}: sha256 {digest} differs from the gated file {g.sha256}; re-run the gate")
+        if rec.file not in files:
+            files[rec.file] = digest
+            copies.append((path, rec.file))
+        if g.selftest is not None:
+            st_path = build / g.selftest.file
+            if sha256_file(st_path) != g.selftest.sha256:
                 raise PublishError(f"{st_path}: changed since the gate")
-            copies.append((st_path, st["file"]))
-            selftest = st
-        b = bench_rows.get(vid, {})
-        bench = None
-        if "latency_ms_median" in b:
-            bench = {
-                "device": bdoc["device"] if bdoc else host().describe(),
-                "threads": int(bdoc["threads"]) if bdoc else 0,
-                "latency_ms_median": round(b["latency_ms_median"], 3),
-                "latency_ms_p95": round(b["latency_ms_p95"], 3),
-                "throughput_per_s": round(b["throughput_per_s"], 3),
-                "throughput_batch": int(b["throughput_batch"]),
-                "peak_rss_mb": b.get("peak_rss_mb"),
-                "full_volume_ms": round(b["full_volume_ms"], 1) if "full_volume_ms" in b else None,
-                "speedup_vs_fp32": b.get("speedup_full_volume", b.get("speedup_latency")),
-                "note": b.get("note", ""),
-            }
-        elif b.get("skipped"):
-            bench = {"device": bdoc["device"] if bdoc else "", "threads": 0, "note": b["skipped"]}
-        variants.append({
-            "id": vid,
-            "backend": v.backend,
-            "precision": v.precision,
-            "file": rec["file"],
-            "sha256": digest,
-            "size": path.stat().st_size,
-            "format": v.format,
-            "options": dict(v.options),
-            "execution_precision": g.get("execution_precision", {}).get("summary", v.precision),
-            "requires": {k: (list(x) if isinstance(x, tuple) else x) for k, x in v.requires.items()},
-            "fast_on": list(v.fast_on),
-            "targets": list(v.targets),
-            "isa_gates": {fam: {k: r[k] for k in ("passed", "method", "summary", "host")}
-                          for fam, r in g.get("isa_verdicts", {}).items()},
-            "description": v.description,
-            "priority": prio[vid],
-            "gate": {
-                "passed": True,
-                "validated_with": g["validated_with"],
-                "n_samples": g["n_samples"],
-                "metrics": g["metrics"],
-                "reference": g["reference"],
-                "drops": g["drops"],
-                "thresholds": g["thresholds"],
-                "failures": [],
-                "batch_invariant": bool(g["batch_invariance"]["passed"]),
-                "isa_family": g.get("isa_family", gdoc.get("isa_family", "")),
-            },
-            "bench": bench,
-            "selftest": selftest,
-        })
+            copies.append((st_path, g.selftest.file))
+        v = known[rec.id]
+        variants.append(_variant_entry(v, g, rec.file, digest, path.stat().st_size, prio[rec.id], bdoc,
+                                       bench_rows.get(rec.id), gdoc.isa_family))
     validation_set = _validation_set(build, gdoc, copies)
     drift = read_json(build / "drift.json") if (build / "drift.json").exists() else None
     if drift is not None:
-        drift = {**drift, "outputs": gdoc.get("drift_outputs", {})}
+        drift = {**drift, "outputs": gdoc.drift_outputs}
     doc = {
         "schema_version": SCHEMA_VERSION,
         "name": spec.name,
         "version": spec.version,
-        "created_at": _now(),
+        "created_at": iso_utc(timespec="seconds"),
         "task": spec.task,
         "spec": spec.model_dump(mode="json"),
         "input_name": "input",
@@ -211,9 +160,10 @@ def build_manifest(build: Path, key_pem: bytes) -> tuple[dict[str, Any], list[tu
         "variants": sorted(variants, key=lambda x: x["priority"]),
         "calibration": {k: calib.get(k) for k in ("method", "percentile", "source", "n_tensors", "tensor_shape",
                                                    "n_series", "groups", "source_sha256")},
-        "validation": {**gdoc["validation"], "reference": {k: v for k, v in gdoc["reference"].items()
-                                                           if isinstance(v, (int, float, str, dict, list))},
-                       "failed_variants": {k: gated[k].get("failures", []) for k in gdoc.get("failed", [])}},
+        "validation": {**gdoc.validation.model_dump(),
+                       "reference": {k: v for k, v in gdoc.reference.items()
+                                     if isinstance(v, (int, float, str, dict, list))},
+                       "failed_variants": {k: list(gated[k].failures) if k in gated else [] for k in gdoc.failed}},
         "drift": drift,
         "validation_set": validation_set,
         "toolchain": {**{k: str(v) for k, v in host().libraries.items()}, "edge-agent": _edge_agent_version()},
@@ -224,23 +174,78 @@ def build_manifest(build: Path, key_pem: bytes) -> tuple[dict[str, Any], list[tu
     return doc, copies
 
 
-def _publishable(g: Mapping[str, Any]) -> bool:
-    """The gate's publish decision for one variant (gate.json before schema 2: ``passed``)."""
-    return bool(g.get("publishable", g.get("passed")))
+def _variant_entry(v: VariantSpec, g: MeasuredVariant, file: str, digest: str, size: int, priority: int,
+                   bdoc: BenchReport | None, row: BenchRow | None, gate_family: str | None) -> dict[str, Any]:
+    """The manifest's record of one publishable variant: the catalogue entry, the gate's figures
+    and per-family verdicts, the benchmark's figures on the build host and the self-test."""
+    return {
+        "id": v.id,
+        "backend": v.backend,
+        "precision": v.precision,
+        "file": file,
+        "sha256": digest,
+        "size": size,
+        "format": v.format,
+        "options": dict(v.options),
+        "execution_precision": g.execution_precision.summary,
+        "requires": {k: (list(x) if isinstance(x, tuple) else x) for k, x in v.requires.items()},
+        "fast_on": list(v.fast_on),
+        "targets": list(v.targets),
+        "isa_gates": {fam: r.model_dump() for fam, r in g.isa_verdicts.items()},
+        "description": v.description,
+        "priority": priority,
+        "gate": {
+            "passed": True,
+            "validated_with": g.validated_with,
+            "n_samples": g.n_samples,
+            "metrics": g.metrics,
+            "reference": g.reference,
+            "drops": g.drops,
+            "thresholds": g.thresholds,
+            "failures": [],
+            "batch_invariant": bool(g.batch_invariance.passed),
+            "isa_family": g.isa_family if g.isa_family is not None else (gate_family or ""),
+        },
+        "bench": _bench_figures(bdoc, row),
+        "selftest": g.selftest.model_dump() if g.selftest is not None else None,
+    }
 
 
-def _validation_set(build: Path, gdoc: Mapping[str, Any], copies: list[tuple[Path, str]]) -> dict[str, Any] | None:
+def _bench_figures(bdoc: BenchReport | None, b: BenchRow | None) -> dict[str, Any] | None:
+    """The manifest's ``bench`` of one variant: its figures measured here, why it was not
+    measured, or None without a benchmark."""
+    if b is not None and b.latency_ms_median is not None:
+        if b.latency_ms_p95 is None or b.throughput_per_s is None or b.throughput_batch is None:
+            raise PublishError(f"bench/report.json: variant {b.id} has a latency but not its other figures")
+        return {
+            "device": bdoc.device if bdoc else host().describe(),
+            "threads": int(bdoc.threads) if bdoc else 0,
+            "latency_ms_median": round(b.latency_ms_median, 3),
+            "latency_ms_p95": round(b.latency_ms_p95, 3),
+            "throughput_per_s": round(b.throughput_per_s, 3),
+            "throughput_batch": int(b.throughput_batch),
+            "peak_rss_mb": b.peak_rss_mb,
+            "full_volume_ms": round(b.full_volume_ms, 1) if b.full_volume_ms is not None else None,
+            "speedup_vs_fp32": b.speedup_full_volume if b.speedup_full_volume is not None else b.speedup_latency,
+            "note": b.note if b.note is not None else "",
+        }
+    if b is not None and b.skipped:
+        return {"device": bdoc.device if bdoc else "", "threads": 0, "note": b.skipped}
+    return None
+
+
+def _validation_set(build: Path, gdoc: GateDoc, copies: list[tuple[Path, str]]) -> dict[str, Any] | None:
     """The manifest's ``validation_set`` from gate.json's ``device_validation`` (None for a build
     gated before there was one), after checking the file is still the one the gate wrote; adds it
     to ``copies``."""
-    dv = gdoc.get("device_validation")
-    if not dv:
+    dv = gdoc.device_validation
+    if dv is None:
         return None
-    path = build / dv["file"]
-    if not path.is_file() or sha256_file(path) != dv["sha256"]:
+    path = build / dv.file
+    if not path.is_file() or sha256_file(path) != dv.sha256:
         raise PublishError(f"{path}: missing or changed since the gate; re-run the gate")
-    copies.append((path, dv["file"]))
-    return {k: dv[k] for k in ("file", "sha256", "size", "n_samples", "source", "reference")}
+    copies.append((path, dv.file))
+    return dv.model_dump()
 
 
 def _edge_agent_version() -> str:
@@ -254,7 +259,7 @@ def publish_build(build: Path, registry: Path, key_path: Path, force: bool = Fal
     key = load_private_key(key_path)
     pem = public_pem(key)
     doc, copies = build_manifest(build, pem)
-    name, version = doc["name"], doc["version"]
+    name, version = str(doc["name"]), str(doc["version"])
     final = registry / name / version
     if final.exists() and not force:
         raise PublishError(f"{final} is already published; bump the model version or pass --force")
@@ -296,7 +301,7 @@ def publish_build(build: Path, registry: Path, key_path: Path, force: bool = Fal
     return final / "manifest.json"
 
 
-def update_index(registry: Path, key: Any, pem: bytes, name: str, version: str, digest: str, created_at: str,
+def update_index(registry: Path, key: Ed25519PrivateKey, pem: bytes, name: str, version: str, digest: str, created_at: str,
                  variant_ids: Sequence[str]) -> None:
     """Merge one model version into ``registry/index.json`` and re-sign it (both written atomically)."""
     path = registry / "index.json"
@@ -310,7 +315,7 @@ def update_index(registry: Path, key: Any, pem: bytes, name: str, version: str, 
     entry["versions"][version] = {"manifest": f"{name}/{version}/manifest.json", "sha256": digest,
                                   "created_at": created_at, "variants": list(variant_ids)}
     entry["latest"] = max(entry["versions"], key=_version_key)
-    doc = Index.model_validate({"schema_version": 1, "updated_at": _now(), "models": models}).model_dump(mode="json")
+    doc = Index.model_validate({"schema_version": 1, "updated_at": iso_utc(timespec="seconds"), "models": models}).model_dump(mode="json")
     data = canonical_json(doc)
     atomic_write(path, data)
     atomic_write(registry / "index.json.sig", sign(key, data))

@@ -16,7 +16,7 @@ ranges ``ranges.<method>.json`` and ``amax.json``) and writes one file per varia
   Q/DQ pairs into int8 convolutions, Concat and MaxPool included); a Conv-only layout was slower.
 * **FP16**: onnxconverter-common's converter with ``keep_io_types`` (Cast nodes at the edges, so
   the agent feeds and reads float32 as for every other variant).
-* **TensorRT INT8 / FP8**: explicit-quantization graphs written here (:func:`build_explicit_qdq`)
+* **TensorRT INT8 / FP8**: explicit-quantization graphs (``deploy.quantize_trt.build_explicit_qdq``)
   in the layout TensorRT's own tooling produces: Q/DQ on the activation input and a DQ on the
   (pre-quantized) weights of every Conv/Gemm/MatMul, nothing on ConvTranspose/Resize/Concat,
   symmetric scales with zero point 0: ``amax/127`` (int8) or ``amax/448`` (FP8 E4M3) per tensor for
@@ -24,128 +24,47 @@ ranges ``ranges.<method>.json`` and ``amax.json``) and writes one file per varia
   calibrates with "Distribution" and produced outputs unrelated to FP32 on this project's models.
 
 Each output is written to a temporary file and renamed, so Ctrl-C never leaves half a model.
+This module holds the ONNX Runtime and FP16 builders and the stage; the TensorRT graphs are
+``deploy.quantize_trt``, the preprocessed FP32 graph and shared graph helpers ``deploy.quantize_graph``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import os
 import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from agent.errors import EdgeAgentError
-from agent.manifest import sha256_file
-from deploy.variants import (
-    VariantSpec,
-    atomic_path,
-    default_build_dir,
-    read_json,
-    select_variants,
-    write_json,
+from agent.core.util import atomic_path, sha256_file
+from deploy.quantize_graph import (
+    QuantizeError,
+    load_model,
+    preprocess_model,
+    prune_opset_imports,
+    save_checked,
 )
+from deploy.quantize_trt import TRT_QUANT_OPS, build_explicit_qdq
+from deploy.records import VariantRecord, VariantsDoc
+from deploy.variants import VariantSpec, default_build_dir, read_json, select_variants
+
+__all__ = [
+    "TRT_QUANT_OPS",
+    "QuantizeError",
+    "build_explicit_qdq",
+    "build_file",
+    "build_fp16",
+    "build_ort_qdq",
+    "preprocess_model",
+    "quantize",
+    "strip_output_qdq",
+]
 
 logger = logging.getLogger(__name__)
-
-#: largest magnitude of the symmetric narrow int8 range TensorRT uses (-127..127)
-INT8_MAX = 127.0
-#: largest finite FLOAT8E4M3FN value
-FP8_E4M3_MAX = 448.0
-#: ops whose weights and activation input get Q/DQ in the TensorRT layout
-TRT_QUANT_OPS = ("Conv", "Gemm", "MatMul")
-#: smallest scale written: a tensor that was all zeros during calibration still gets a valid
-#: (positive) scale; the gate then catches what such a scale does to real data
-MIN_SCALE = 1e-12
-
-
-class QuantizeError(EdgeAgentError):
-    """A variant could not be built (bad inputs, a converter failure)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Model preparation (shared with calibrate)
-# --------------------------------------------------------------------------------------------
-
-
-def preprocess_model(fp32_path: Path, out_path: Path) -> dict[str, Any]:
-    """Run ORT's ``quant_pre_process`` (shape inference + graph optimisation, BatchNorm folded
-    into Conv) on ``fp32_path`` and write ``out_path`` atomically. Returns notes for the record.
-
-    Symbolic shape inference is tried first; models with Resize/Pad chains (MONAI UNets) make it
-    fail with "Incomplete symbolic shape inference", then the ONNX shape inference alone is used,
-    which is all a convolutional network needs.
-    """
-    import tempfile
-
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    notes: dict[str, Any] = {"symbolic_shape_inference": True}
-    src = Path(fp32_path).resolve()
-    with atomic_path(out_path) as tmp, tempfile.TemporaryDirectory(prefix="edge-deploy-pre-") as scratch:
-        # when symbolic shape inference gives up it first dumps "sym_shape_infer_temp.onnx" (plus an
-        # external-data file) into the current directory: run it from a scratch directory
-        with _working_directory(Path(scratch)):
-            try:
-                quant_pre_process(str(src), str(tmp.resolve()))
-            except Exception as exc:  # noqa: BLE001 - SymbolicShapeInference raises a bare Exception
-                logger.info("symbolic shape inference failed (%s); using ONNX shape inference only", exc)
-                notes = {"symbolic_shape_inference": False, "reason": str(exc)}
-                quant_pre_process(str(src), str(tmp.resolve()), skip_symbolic_shape=True)
-    return notes
-
-
-@contextlib.contextmanager
-def _working_directory(path: Path) -> Iterator[None]:
-    """chdir into ``path`` for the block (contextlib.chdir is Python >= 3.11 only)."""
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-def _load(path: Path) -> Any:
-    import onnx
-
-    return onnx.load(str(path))
-
-
-def _save_checked(model: Any, out_path: Path) -> None:
-    """Check ``model`` with the ONNX checker and save it atomically to ``out_path``."""
-    import onnx
-
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise QuantizeError(f"{out_path.name}: generated graph is not valid ONNX: {exc}") from exc
-    with atomic_path(out_path) as tmp:
-        onnx.save(model, str(tmp))
-
-
-def _default_opset(model: Any) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
-    raise QuantizeError("model has no default-domain opset import")
-
-
-def _prune_opset_imports(model: Any) -> None:
-    """Drop opset imports of domains no node uses (quant_pre_process adds ORT's internal ones,
-    which TensorRT's parser and other runtimes have no business seeing)."""
-    used = {n.domain for n in model.graph.node} | {""}
-    keep = [imp for imp in model.opset_import if imp.domain in used or imp.domain == "ai.onnx"]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
-
 
 # --------------------------------------------------------------------------------------------
 # ONNX Runtime INT8 (quantize_static)
@@ -221,7 +140,7 @@ def strip_output_qdq(path: Path) -> list[str]:
     output volume to dequantize them. The last conv then writes float logits directly. Rewrites
     ``path`` atomically; returns the outputs made float.
     """
-    model = _load(path)
+    model = load_model(path)
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, int] = {}
@@ -254,7 +173,7 @@ def strip_output_qdq(path: Path) -> list[str]:
         live = [t for t in graph.initializer if t.name in used]
         del graph.initializer[:]
         graph.initializer.extend(live)
-        _save_checked(model, path)
+        save_checked(model, path)
     return changed
 
 
@@ -287,184 +206,16 @@ def build_fp16(pre_path: Path, out_path: Path) -> dict[str, Any]:
         raise QuantizeError(
             "FP16 conversion needs onnxconverter-common (pip install onnxconverter-common)"
         ) from exc
-    model = _load(pre_path)
+    model = load_model(pre_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         converted = float16.convert_float_to_float16(model, keep_io_types=True)
     for w in caught:
         logger.info("fp16 conversion: %s", w.message)
-    _prune_opset_imports(converted)
-    _save_checked(converted, out_path)
+    prune_opset_imports(converted)
+    save_checked(converted, out_path)
     return {"tool": "onnxconverter_common.float16", "keep_io_types": True,
             "converter_warnings": sorted({str(w.message)[:200] for w in caught})}
-
-
-# --------------------------------------------------------------------------------------------
-# TensorRT explicit quantization (INT8 / FP8)
-# --------------------------------------------------------------------------------------------
-
-
-def _weight_axis(node: Any) -> int | None:
-    """Output-channel axis of a node's weight (input 1), or None if not per-channel quantizable."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else 1
-    if node.op_type == "MatMul":
-        return 1  # B is (K, N): N output channels; only 2-D constant B is quantized
-    return None
-
-
-def _quantize_values(values: np.ndarray, scale: np.ndarray, kind: str) -> np.ndarray:
-    """Quantize ``values`` with (broadcastable) ``scale`` to int8 (narrow, zero point 0) or E4M3."""
-    scaled = values.astype(np.float64) / scale
-    if kind == "int8":
-        return np.clip(np.rint(scaled), -INT8_MAX, INT8_MAX).astype(np.int8)
-    import ml_dtypes
-
-    # ml_dtypes rounds to nearest even; clip first, E4M3FN has no infinity (overflow would be NaN)
-    return np.clip(scaled, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(np.float32).astype(ml_dtypes.float8_e4m3fn)
-
-
-def _zero_point(kind: str, shape: tuple[int, ...] = ()) -> np.ndarray:
-    if kind == "int8":
-        return np.zeros(shape, dtype=np.int8)
-    import ml_dtypes
-
-    return np.zeros(shape, dtype=ml_dtypes.float8_e4m3fn)
-
-
-def build_explicit_qdq(
-    pre_path: Path,
-    out_path: Path,
-    amax: Mapping[str, float],
-    kind: str,
-    *,
-    op_types: Sequence[str] = TRT_QUANT_OPS,
-    nodes_to_exclude: Sequence[str] = (),
-    keep_output_layers: bool = True,
-) -> dict[str, Any]:
-    """Write a TensorRT-style explicit-quantization Q/DQ graph.
-
-    ``amax``: per-tensor absolute maximum of each activation (from calibration); ``kind``:
-    ``"int8"`` or ``"fp8"``. For every ``op_types`` node: its activation input goes through
-    QuantizeLinear -> DequantizeLinear with scale ``amax / qmax`` and a zero point 0 of the
-    quantized type; its constant weight is stored quantized (int8 or FLOAT8E4M3FN initializer)
-    with a per-output-channel DequantizeLinear (scale ``channel_amax / qmax``); the bias stays
-    float. Nothing else is touched: ConvTranspose, Resize, Concat, pooling and activations run in
-    the engine's float precision. With ``keep_output_layers`` the conv/gemm that writes a graph
-    output (the logits) stays float too: its output is a small difference of large sums (a head
-    over post-ReLU features), where E4M3's 3 mantissa bits alone cost ~30 % of the logit spread on
-    the test model, and it is one small layer. FP8 needs opset >= 19 (the graph is converted if
-    older). Returns notes (counts of quantized/skipped nodes).
-    """
-    from onnx import helper, numpy_helper, version_converter
-
-    if kind not in ("int8", "fp8"):
-        raise ValueError(f"kind must be 'int8' or 'fp8', got {kind!r}")
-    qmax = INT8_MAX if kind == "int8" else FP8_E4M3_MAX
-    model = _load(pre_path)
-    _prune_opset_imports(model)
-    need = 19 if kind == "fp8" else 13
-    if _default_opset(model) < need:
-        try:
-            model = version_converter.convert_version(model, need)
-        except Exception as exc:  # the converter raises plain RuntimeError/ValueError variants
-            raise QuantizeError(f"cannot convert the model to opset {need} for {kind} Q/DQ: {exc}") from exc
-
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    excluded = set(nodes_to_exclude)
-    if keep_output_layers:
-        outputs = {o.name for o in graph.output}
-        excluded |= {n.name for n in graph.node if n.op_type in op_types and set(n.output) & outputs}
-    act_qdq: dict[str, str] = {}  # activation tensor -> its DequantizeLinear output
-    new_nodes: list[Any] = []
-    new_inits: list[Any] = []
-    quantized, skipped = 0, []
-
-    for node in graph.node:
-        if node.op_type not in op_types or node.name in excluded or len(node.input) < 2:
-            new_nodes.append(node)
-            continue
-        x, w = node.input[0], node.input[1]
-        axis = _weight_axis(node)
-        if w not in inits or axis is None or x in inits:
-            skipped.append(f"{node.name or node.op_type}: weight not a constant initializer")
-            new_nodes.append(node)
-            continue
-        weight = numpy_helper.to_array(inits[w]).astype(np.float32)
-        if node.op_type == "MatMul" and weight.ndim != 2:
-            skipped.append(f"{node.name}: MatMul weight is not 2-D")
-            new_nodes.append(node)
-            continue
-        if x not in amax:
-            skipped.append(f"{node.name or node.op_type}: no calibration range for input {x!r}")
-            new_nodes.append(node)
-            continue
-
-        # activation: one Q/DQ pair per tensor, shared by all its quantized consumers
-        if x not in act_qdq:
-            scale = np.array(max(float(amax[x]) / qmax, MIN_SCALE), dtype=np.float32)
-            base = _unique(f"{x}_{kind}", inits)
-            new_inits += [numpy_helper.from_array(scale, f"{base}_scale"),
-                          numpy_helper.from_array(_zero_point(kind), f"{base}_zero_point")]
-            new_nodes += [
-                helper.make_node("QuantizeLinear", [x, f"{base}_scale", f"{base}_zero_point"],
-                                 [f"{base}_q"], name=f"{base}_QuantizeLinear"),
-                helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_scale", f"{base}_zero_point"],
-                                 [f"{base}_dq"], name=f"{base}_DequantizeLinear"),
-            ]
-            act_qdq[x] = f"{base}_dq"
-
-        # weight: stored quantized, per-output-channel DQ
-        reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
-        ch_amax = np.abs(weight).max(axis=reduce_axes) if reduce_axes else np.abs(weight)
-        w_scale = np.where(ch_amax > 0, ch_amax / qmax, 1.0).astype(np.float32)
-        shape = [1] * weight.ndim
-        shape[axis] = -1
-        wq = _quantize_values(weight, w_scale.reshape(shape), kind)
-        wbase = _unique(f"{w}_{node.name or quantized}_{kind}", inits)
-        new_inits += [
-            numpy_helper.from_array(wq, f"{wbase}_quantized"),
-            numpy_helper.from_array(w_scale, f"{wbase}_scale"),
-            numpy_helper.from_array(_zero_point(kind, (int(w_scale.size),)), f"{wbase}_zero_point"),
-        ]
-        new_nodes.append(helper.make_node(
-            "DequantizeLinear", [f"{wbase}_quantized", f"{wbase}_scale", f"{wbase}_zero_point"],
-            [f"{wbase}_dq"], name=f"{wbase}_DequantizeLinear", axis=axis,
-        ))
-        node.input[0] = act_qdq[x]
-        node.input[1] = f"{wbase}_dq"
-        new_nodes.append(node)
-        quantized += 1
-
-    if quantized == 0:
-        raise QuantizeError(f"{pre_path.name}: no {'/'.join(op_types)} node could be quantized: {skipped[:3]}")
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    graph.initializer.extend(new_inits)
-    # float weights that only fed quantized nodes are now dead: drop them (file size)
-    used = {i for n in graph.node for i in n.input}
-    live = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(live)
-    _save_checked(model, out_path)
-    return {"tool": "deploy.quantize.build_explicit_qdq", "kind": kind, "layout": "tensorrt",
-            "quantized_nodes": quantized, "skipped_nodes": skipped, "activation_scale": f"amax/{qmax:g}",
-            "weight_scale": f"per-channel amax/{qmax:g}", "opset": _default_opset(model),
-            "float_output_layers": sorted(excluded - set(nodes_to_exclude))}
-
-
-def _unique(base: str, taken: Mapping[str, Any]) -> str:
-    name = base.replace("/", "_").replace(":", "_")
-    i = 0
-    candidate = name
-    while candidate in taken:
-        i += 1
-        candidate = f"{name}_{i}"
-    return candidate
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,7 +224,7 @@ def _unique(base: str, taken: Mapping[str, Any]) -> str:
 
 
 def _conv_like_nodes(model_path: Path) -> list[str]:
-    model = _load(model_path)
+    model = load_model(model_path)
     return [n.name for n in model.graph.node if n.op_type in ("ConvTranspose",)]
 
 
@@ -512,7 +263,7 @@ def build_file(spec: VariantSpec, build: Path, calib: Mapping[str, Any], qcfg: M
     raise QuantizeError(f"variant {spec.id}: unknown builder {spec.builder!r}")
 
 
-def quantize(build: Path, variant_ids: Sequence[str] | None = None) -> dict[str, Any]:
+def quantize(build: Path, variant_ids: Sequence[str] | None = None) -> VariantsDoc:
     """Build every selected variant's file in ``build`` (after ``calibrate``); write variants.json.
 
     Files shared by several variants are built once. A variant whose builder fails is recorded
@@ -527,29 +278,31 @@ def quantize(build: Path, variant_ids: Sequence[str] | None = None) -> dict[str,
     calib = read_json(calib_path)
     qcfg = calib.get("config", {})
     specs = select_variants(list(variant_ids) if variant_ids else list(qcfg.get("variants", ())) or None)
-    built: dict[str, dict[str, Any]] = {}
+    # per file (variants may share one): (builder notes, seconds) or the reason it failed
+    built: dict[str, tuple[dict[str, Any], float] | str] = {}
     records = []
     for spec in tqdm(specs, desc="quantize", unit="variant", file=sys.stderr):
         if spec.file not in built:
             t0 = time.perf_counter()
             try:
                 notes = build_file(spec, build, calib, qcfg)
-                built[spec.file] = {"ok": True, "notes": notes, "seconds": round(time.perf_counter() - t0, 1)}
+                built[spec.file] = (notes, round(time.perf_counter() - t0, 1))
             except (QuantizeError, ValueError, RuntimeError, OSError) as exc:
                 logger.error("variant %s: build failed: %s", spec.id, exc)
-                built[spec.file] = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
+                built[spec.file] = f"{type(exc).__name__}: {exc}"
         info = built[spec.file]
-        rec: dict[str, Any] = {"id": spec.id, "backend": spec.backend, "precision": spec.precision,
-                               "file": spec.file, "built": info["ok"]}
-        if info["ok"]:
-            path = build / spec.file
-            rec.update(sha256=sha256_file(path), size=path.stat().st_size, notes=info["notes"],
-                       build_seconds=info["seconds"])
+        if isinstance(info, str):
+            rec = VariantRecord(id=spec.id, backend=spec.backend, precision=spec.precision, file=spec.file,
+                                built=False, reason=info)
         else:
-            rec["reason"] = info["reason"]
+            path = build / spec.file
+            rec = VariantRecord(id=spec.id, backend=spec.backend, precision=spec.precision, file=spec.file,
+                                built=True, sha256=sha256_file(path), size=path.stat().st_size, notes=info[0],
+                                build_seconds=info[1])
         records.append(rec)
-    doc = {"model": calib["model"], "version": calib["version"], "method": calib["method"], "variants": records}
-    write_json(build / "variants.json", doc)
+    doc = VariantsDoc(model=calib["model"], version=calib["version"], method=calib["method"],
+                      variants=tuple(records))
+    doc.write(build / "variants.json")
     return doc
 
 
@@ -567,14 +320,14 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from agent.modelspec import load_spec
+    from agent.core.modelspec import load_spec
 
     spec = load_spec(args.model_dir)
     build = args.build or default_build_dir(spec.name)
     ids = [v for v in args.variants.split(",") if v] or None
     doc = quantize(build, ids)
-    for rec in doc["variants"]:
-        status = f"{rec['size'] / 1e6:7.2f} MB" if rec["built"] else f"FAILED: {rec['reason']}"
-        print(f"{rec['id']:<16} {rec['file']:<28} {status}")
-    return 0 if all(r["built"] for r in doc["variants"]) else 1
+    for rec in doc.variants:
+        status = f"{(rec.size or 0) / 1e6:7.2f} MB" if rec.built else f"FAILED: {rec.reason}"
+        print(f"{rec.id:<16} {rec.file:<28} {status}")
+    return 0 if all(r.built for r in doc.variants) else 1
 

@@ -3,18 +3,21 @@
 Keys are Ed25519 in PEM: ``signing.key`` (PKCS#8 private key, unencrypted, file mode 0600, keep
 it off the registry host) and ``signing.pub`` (SubjectPublicKeyInfo; goes into the agent's trusted
 keys). A signature is the 64 raw bytes of Ed25519 over the exact bytes of the signed file.
-Verification lives in :mod:`agent.manifest` (shared with the agent).
+Verification lives in :mod:`agent.core.manifest` (shared with the agent).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.errors import EdgeAgentError
-from agent.manifest import key_id
+from agent.core.errors import EdgeAgentError
+from agent.core.manifest import key_id
+from agent.core.util import atomic_write
+
+if TYPE_CHECKING:  # cryptography is imported where a key is used, not when the CLI starts
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 PRIVATE_NAME = "signing.key"
 PUBLIC_NAME = "signing.pub"
@@ -25,21 +28,9 @@ class SigningError(EdgeAgentError):
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``mode`` from the first byte (never world-readable, even briefly) via
-    a temp file + rename; the temp file is removed if anything (Ctrl-C included) interrupts."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have removed bits we want; never adds any
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Create ``path`` with ``mode`` from the first byte (never world-readable, even briefly: the
+    temp file is created 0600); removed again if anything (Ctrl-C included) interrupts."""
+    atomic_write(path, data, mode=mode)
 
 
 def keygen(out_dir: Path, force: bool = False) -> tuple[Path, Path]:
@@ -68,7 +59,7 @@ def keygen(out_dir: Path, force: bool = False) -> tuple[Path, Path]:
     return priv_path, pub_path
 
 
-def load_private_key(path: Path) -> Any:
+def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Read an Ed25519 PEM private key; SigningError if unreadable, not Ed25519, or readable by
     group/others (a leaked signing key lets anyone publish models to every device)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -90,14 +81,14 @@ def load_private_key(path: Path) -> Any:
     return key
 
 
-def public_pem(private_key: Any) -> bytes:
+def public_pem(private_key: Ed25519PrivateKey) -> bytes:
     """The PEM public key of an Ed25519 private key."""
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
     return private_key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
 
 
-def sign(private_key: Any, data: bytes) -> bytes:
+def sign(private_key: Ed25519PrivateKey, data: bytes) -> bytes:
     """Ed25519 signature (64 raw bytes) over ``data``."""
     return private_key.sign(data)
 

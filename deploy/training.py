@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.modelspec import InputSpec
+from agent.core.modelspec import InputSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -142,7 +142,8 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 0, floor: float 
     if warmup and step < warmup:
         return base * (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (floor + (1.0 - floor) * 0.5 * (1.0 + np.cos(np.pi * t)))
+    # np.cos (not math.cos) keeps the schedule bit-identical; float() only drops the numpy scalar type.
+    return float(base * (floor + (1.0 - floor) * 0.5 * (1.0 + np.cos(np.pi * t))))
 
 
 # --- ONNX -------------------------------------------------------------------------------------

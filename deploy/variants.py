@@ -20,7 +20,8 @@ Build folder layout (``build/deploy/<model>`` by default), written stage by stag
 
 Every file is written to a temporary name in the same folder and renamed into place
 (:func:`atomic_write`), so an interrupted stage (Ctrl-C) never leaves a half-written file that a
-later stage would trust.
+later stage would trust. ``variants.json``, ``gate.json`` and ``bench/report.json`` are read and
+written through their typed records (:mod:`deploy.records`).
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.isa import isa_family
+from agent.core.isa import isa_family
+from agent.core.util import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ ORT_MIN_VERSION = "1.17"
 OPENVINO_MIN_VERSION = "2024.0"
 TENSORRT_MIN_INT8 = "10.0"
 TENSORRT_MIN_FP8 = "10.0"
-#: registry name of the backend the gate runs Q/DQ graphs on as exact arithmetic (deploy.gate)
+#: registry name of the backend the gate runs Q/DQ graphs on as exact arithmetic (deploy.gate_runtime)
 SIM_BACKEND = "onnxruntime-qdq-sim"
 
 
@@ -59,9 +60,9 @@ class VariantSpec:
     INT8 runs the ONNX Runtime u8s8 Q/DQ graph). ``backend``/``options``/``precision``: how the
     agent loads it on a device. ``gate_backend``/``gate_options``: how the gate runs it on this
     build machine (TensorRT graphs are checked by running their Q/DQ arithmetic in ONNX Runtime
-    on the CPU). ``requires``: agent.manifest.Requires fields: only what the variant cannot run
+    on the CPU). ``requires``: agent.core.manifest.Requires fields: only what the variant cannot run
     without (architecture, GPU, TensorRT, backend). ``fast_on``: CPU flags of which any makes it
-    fast, an ordering hint for devices. ``targets``: the instruction-set families (agent.isa) it is
+    fast, an ordering hint for devices. ``targets``: the instruction-set families (agent.core.isa) it is
     built for: the gate must show it accurate there (natively, with the backend restricted to that
     family, or, where the build host cannot run that family, by computing its integer arithmetic
     exactly) before it is published. ``builder``: the name of the function in deploy.quantize that
@@ -284,7 +285,7 @@ class Host:
 
     @property
     def isa_family(self) -> str:
-        """The instruction-set family (agent.isa) whose numerics this host's gate proves."""
+        """The instruction-set family (agent.core.isa) whose numerics this host's gate proves."""
         return isa_family(self.arch, self.cpu_flags)
 
     def describe(self) -> str:
@@ -296,7 +297,7 @@ class Host:
                 f"family {self.isa_family}){gpu}")
 
     def unmet(self, requires: Mapping[str, Any]) -> list[str]:
-        """Requirements (agent.manifest.Requires fields) this host does not meet, as sentences."""
+        """Requirements (agent.core.manifest.Requires fields) this host does not meet, as sentences."""
         missing: list[str] = []
         arch = tuple(requires.get("arch", ()))
         if arch and self.arch not in arch:
@@ -394,47 +395,6 @@ def host() -> Host:
 # --------------------------------------------------------------------------------------------
 # Safe writes
 # --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(final: Path | str) -> Iterator[Path]:
-    """Yield a temporary path next to ``final``; rename it onto ``final`` when the block succeeds.
-
-    On any exception, KeyboardInterrupt included, the temporary file is removed and ``final`` is
-    left as it was (absent or the previous complete version). Same folder, so the rename is atomic.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    # mkstemp creates 0600; build and registry files are meant to be read by others (a static web
-    # server), so give them the mode a plain open() would (0666 minus the umask)
-    os.fchmod(fd, 0o666 & ~_umask())
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException:
-        # BaseException: Ctrl-C (KeyboardInterrupt) must clean up too; re-raised unchanged
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def atomic_write(final: Path | str, data: bytes | str) -> Path:
-    """Write ``data`` to ``final`` atomically (temp file + fsync + rename). Returns ``final``."""
-    payload = data.encode() if isinstance(data, str) else data
-    with atomic_path(final) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-    return Path(final)
 
 
 def write_json(final: Path | str, doc: Any) -> Path:

@@ -12,7 +12,7 @@ for every model and version the index lists, and a little more:
 * every published variant passed the accuracy gate (``gate.passed``, no failures) and the
   fallback variant is FP32;
 * a variant not proven for some instruction-set family (no native or ISA-limited pass there, see
-  ``agent.isa.proof_needed``) needs the validation set, on which devices of that
+  ``agent.core.isa.proof_needed``) needs the validation set, on which devices of that
   family gate it: a manifest with such variants and no validation set is a problem;
 * nothing else sits in a version folder (a left-over file is reported, not fatal: agents only
   fetch what a signed manifest lists).
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import EdgeAgentError, RegistryError
-from agent.isa import FAMILIES, proof_needed
-from agent.manifest import (
+from agent.core.errors import EdgeAgentError, RegistryError
+from agent.core.isa import FAMILIES, proof_needed
+from agent.core.manifest import (
     Manifest,
     load_public_key,
     sha256_bytes,
@@ -124,7 +124,7 @@ def _verify_version(registry: Path, model: str, version: str, manifest_rel: str,
     return VersionReport(model, version, tuple(v.id for v in manifest.variants), tuple(problems), stray)
 
 
-#: the architecture of each instruction-set family (agent.isa)
+#: the architecture of each instruction-set family (agent.core.isa)
 _FAMILY_ARCH = {"x86-vnni": "x86_64", "x86-avx2": "x86_64", "x86-baseline": "x86_64",
                 "arm-dotprod": "aarch64", "arm-baseline": "aarch64"}
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import db
 from agent.assembly import JobStore, SeriesAssembler, SeriesState
 from agent.assembly import jobs as J
-from agent.modelspec import load_spec
-from agent.types import Instance
+from agent.core import db
+from agent.core.modelspec import load_spec
+from agent.core.types import Instance, SpooledSeries
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,9 +100,15 @@ def test_late_instance_reopens_with_next_revision_and_supersedes_jobs(tmp_path: 
 def test_reconcile_reopens_series_the_table_missed(tmp_path: Path) -> None:
     clock = Clock()
     asm = SeriesAssembler(db.connect(tmp_path / "s.db"), _specs(), stable_age_s=1, clock=clock)
-    fixed = asm.reconcile([("6", "1.2.3", "CT", "ABD", "ABDOMEN", 40, clock.t)])
+    spooled = SpooledSeries("6", "1.2.3", "CT", "ABD", "ABDOMEN", 40, clock.t)
+    fixed = asm.reconcile([spooled])
     assert fixed == 1 and asm.state("6") is SeriesState.OPEN
-    assert asm.reconcile([("6", "1.2.3", "CT", "ABD", "ABDOMEN", 40, clock.t)]) == 0
+    assert asm.reconcile([spooled]) == 0
+    # more instances in the spool than the table counted (a crash between the two commits)
+    clock.t += 2
+    assert [d.models for d in asm.pop_due()] == [("ct-abdomen-seg",)]
+    assert asm.reconcile([SpooledSeries("6", "1.2.3", "CT", "ABD", "ABDOMEN", 41, clock.t)]) == 1
+    assert asm.state("6") is SeriesState.OPEN
     clock.t += 2
     assert [d.models for d in asm.pop_due()] == [("ct-abdomen-seg",)]
 
@@ -134,3 +140,26 @@ def test_quiet_period_counts_from_arrival_and_next_due_is_known(tmp_path: Path) 
     assert asm.next_due_at() is None
     asm.note_instance(_inst("10", 0))  # received_at unknown (0): counts from now
     assert asm.next_due_at() == pytest.approx(clock.t + 10.0)
+
+
+def test_the_queries_the_service_loops_ask_of_the_tables(tmp_path: Path) -> None:
+    """Retention candidates come from the series table, unsent results from the job table: each
+    query lives with the stage that owns the table (the service holds no SQL)."""
+    clock = Clock()
+    conn = db.connect(tmp_path / "s.db")
+    asm = SeriesAssembler(conn, _specs(), stable_age_s=1, clock=clock)
+    jobs = JobStore(conn)
+    asm.reconcile([SpooledSeries("7", "1.2.3", "CT", "ABD", "ABDOMEN", 40, clock.t)])
+    assert asm.completed_before(clock.t + 100) == []  # still open
+    clock.t += 2
+    (due,) = asm.pop_due()
+    assert due.models == ("ct-abdomen-seg",)
+    done_at = clock.t
+    assert asm.completed_before(done_at - 1) == [] and asm.completed_before(done_at) == ["7"]
+    job = jobs.create(due.series_uid, due.study_uid, "ct-abdomen-seg", due.revision)
+    assert jobs.inferred_keys() == [] and not jobs.series_done("7")
+    assert jobs.claim_next() is not None
+    jobs.mark(job.job_id, J.INFERRED, result_key="r:1")
+    assert jobs.inferred_keys() == ["r:1"] and not jobs.series_done("7")
+    jobs.mark_published("r:1")
+    assert jobs.inferred_keys() == [] and jobs.series_done("7")

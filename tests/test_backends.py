@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from test_pipeline import loaded, make_cls_model, make_seg_model
 
-from agent.errors import BackendError, BackendUnavailableError
-from agent.inference import registry
+from agent.core.errors import BackendError, BackendUnavailableError
+from agent.inference import catalog
 from agent.inference.base import Backend, BackendInfo
 
 
@@ -68,7 +68,7 @@ def test_onnxruntime_validates_rank_and_translates_errors(seg_onnx: Path, tmp_pa
     with pytest.raises(BackendError, match="could not load garbage.onnx"):
         loaded("onnxruntime", garbage)
     with pytest.raises(BackendError, match="before load"):
-        registry.create("onnxruntime").run(np.zeros((1, 1, 8, 8, 8), np.float32))
+        catalog.create("onnxruntime").run(np.zeros((1, 1, 8, 8, 8), np.float32))
     with pytest.raises(BackendError, match="unknown precision"):
         loaded("onnxruntime", seg_onnx, precision="int4")
 
@@ -159,7 +159,7 @@ def fake_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Two importable backend modules in a temp folder: one whose package is 'missing', one that works."""
     (tmp_path / "ea_fake_broken.py").write_text("raise ImportError(\"No module named 'libfakeaccel'\")\n")
     (tmp_path / "ea_fake_ok.py").write_text(
-        "from agent.inference.registry import register\n"
+        "from agent.inference.catalog import register\n"
         "from agent.inference.base import BackendInfo\n"
         "@register('fake-ok')\n"
         "class FakeOk:\n"
@@ -169,19 +169,19 @@ def fake_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         "    def describe(self): return BackendInfo('fake-ok', '1', 'cpu', 'fp32')\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    registry.register_module("fake-broken", "ea_fake_broken", extra="fakeaccel")
-    registry.register_module("fake-ok", "ea_fake_ok")
+    catalog.register_module("fake-broken", "ea_fake_broken", extra="fakeaccel")
+    catalog.register_module("fake-ok", "ea_fake_ok")
     yield
-    registry.unregister("fake-broken")
-    registry.unregister("fake-ok")
+    catalog.unregister("fake-broken")
+    catalog.unregister("fake-ok")
     for mod in ("ea_fake_broken", "ea_fake_ok"):
         sys.modules.pop(mod, None)
 
 
 @pytest.mark.usefixtures("fake_modules")
 def test_registry_skips_a_backend_whose_import_fails(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="agent.inference.registry")
-    avail = registry.available_backends()
+    caplog.set_level(logging.WARNING, logger="agent.inference.catalog")
+    avail = catalog.available_backends()
     assert avail["onnxruntime"] == "ok" and avail["fake-ok"] == "ok"
     assert "libfakeaccel" in avail["fake-broken"]
 
@@ -195,14 +195,14 @@ def test_registry_skips_a_backend_whose_import_fails(caplog: pytest.LogCaptureFi
 
     assert len(events()) == 1
     assert events()[0].ea_fields["fix"] == "pip install edge-agent[fakeaccel]"  # type: ignore[attr-defined]
-    registry.available_backends()  # asking again does not log again
+    catalog.available_backends()  # asking again does not log again
     assert len(events()) == 1
 
     with pytest.raises(BackendUnavailableError, match=r"pip install edge-agent\[fakeaccel\]"):
-        registry.create("fake-broken")
-    assert isinstance(registry.create("fake-ok"), Backend)
-    assert registry.select(["fake-broken", "fake-ok"]) == "fake-ok"
-    assert registry.select(["fake-broken"]) == "onnxruntime"  # the fallback
+        catalog.create("fake-broken")
+    assert isinstance(catalog.create("fake-ok"), Backend)
+    assert catalog.select(["fake-broken", "fake-ok"]) == "fake-ok"
+    assert catalog.select(["fake-broken"]) == "onnxruntime"  # the fallback
 
 
 def test_registry_survives_a_backend_module_with_a_bug(
@@ -210,27 +210,27 @@ def test_registry_survives_a_backend_module_with_a_bug(
 ) -> None:
     (tmp_path / "ea_fake_buggy.py").write_text("1 / 0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    registry.register_module("fake-buggy", "ea_fake_buggy")
+    catalog.register_module("fake-buggy", "ea_fake_buggy")
     try:
-        assert "ZeroDivisionError" in registry.available_backends()["fake-buggy"]
+        assert "ZeroDivisionError" in catalog.available_backends()["fake-buggy"]
         with pytest.raises(BackendUnavailableError, match="ZeroDivisionError"):
-            registry.create("fake-buggy")
+            catalog.create("fake-buggy")
     finally:
-        registry.unregister("fake-buggy")
+        catalog.unregister("fake-buggy")
         sys.modules.pop("ea_fake_buggy", None)
 
 
 def test_registry_unknown_backend_is_unavailable() -> None:
     with pytest.raises(BackendUnavailableError, match="unknown inference backend 'tpu'.*onnxruntime"):
-        registry.create("tpu")
+        catalog.create("tpu")
     with pytest.raises(BackendUnavailableError, match="none of the inference backends"):
-        registry.select(["tpu"], fallback="npu")
+        catalog.select(["tpu"], fallback="npu")
 
 
 def test_registry_lists_the_builtin_backends() -> None:
     import importlib.util
 
-    avail = registry.available_backends()
+    avail = catalog.available_backends()
     assert avail["onnxruntime"] == "ok"
     for name in ("openvino", "tensorrt"):
         installed = importlib.util.find_spec(name) is not None

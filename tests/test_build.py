@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import RegistryError
-from agent.manifest import verify_file, verify_index, verify_manifest
-from agent.modelspec import load_spec
+from agent.core.errors import RegistryError
+from agent.core.manifest import verify_file, verify_index, verify_manifest
+from agent.core.modelspec import load_spec
 from deploy.cli import main as cli
 from deploy.gate_families import isa_limited_families
+from deploy.records import BenchReport
 from deploy.variants import catalogue_by_id, host
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +88,9 @@ def test_broken_calibration_fails_the_gate_and_is_not_published(broken: dict[str
     # the benchmark report exists and says which threshold failed, by how much
     report = (build / "bench" / "report.md").read_text()
     assert re.search(r"`ort-int8-u8s8` failed the gate: .*\((over|short) by \d", report), report
-    doc = json.loads((build / "bench" / "report.json").read_text())
+    raw = json.loads((build / "bench" / "report.json").read_text())
+    assert json.loads(json.dumps(BenchReport.read(build / "bench" / "report.json").model_dump())) == raw
+    doc = raw
     rows = {r["id"]: r for r in doc["variants"]}
     assert rows["fp32"]["latency_ms_median"] > 0 and rows["fp32"]["loadavg_before"]
     # variants the gate refused are listed as such and never timed
@@ -160,30 +163,31 @@ def test_fast_build_of_the_real_classifier(tmp_path: Path, keys: tuple[Path, Pat
 
 def test_3d_report_splits_the_full_volume_time() -> None:
     """The report says how much of a full volume is spent outside the backend, and what that caps."""
-    from agent.modelspec import load_spec
-    from deploy.bench import _summarise, render_markdown
+    from agent.core.modelspec import load_spec
+    from deploy.bench_report import render_markdown, summarise
+    from deploy.records import BenchRow
 
     spec = load_spec(REPO / "models" / "ct-abdomen-seg")
 
-    def row(vid: str, patch_ms: float, inside: float, outside: float) -> dict:
-        return {"id": vid, "backend": "openvino" if vid != "fp32" else "onnxruntime", "precision": "int8",
-                "file": "m.onnx", "size_mb": 1.0, "gate_passed": True, "gate_metrics": {"mean_dice": 0.93},
-                "gate_failures": [], "latency_ms_median": patch_ms, "latency_ms_p95": patch_ms,
-                "throughput_per_s": 1000 / patch_ms, "full_volume_ms": inside + outside,
-                "full_volume_inference_ms": inside, "full_volume_outside_ms": outside, "full_volume_patches": 8}
+    def row(vid: str, patch_ms: float, inside: float, outside: float) -> BenchRow:
+        return BenchRow(id=vid, backend="openvino" if vid != "fp32" else "onnxruntime", precision="int8",
+                        file="m.onnx", size_mb=1.0, gate_passed=True, gate_metrics={"mean_dice": 0.93},
+                        gate_failures=(), execution_precision="", latency_ms_median=patch_ms,
+                        latency_ms_p95=patch_ms, throughput_per_s=1000 / patch_ms, full_volume_ms=inside + outside,
+                        full_volume_inference_ms=inside, full_volume_outside_ms=outside, full_volume_patches=8)
 
-    doc = _summarise(spec, [row("fp32", 400.0, 3200.0, 100.0), row("ov-int8", 50.0, 400.0, 100.0)],
-                     "test host", 2, 10, 2, "x86-vnni")
+    doc = summarise(spec, [row("fp32", 400.0, 3200.0, 100.0), row("ov-int8", 50.0, 400.0, 100.0)],
+                    "test host", 2, 10, 2, "x86-vnni")
     # no default-ORT row measured: the agent's FP32 is the baseline; the x86-vnni CT goal is 6.0x
-    assert doc["target"]["fastest"] == "ov-int8" and doc["target"]["speedup"] == 6.6 and doc["target"]["met"]
-    assert doc["target"]["goal_speedup"] == 6.0 and doc["target"]["baseline"] == "fp32"
+    assert doc.target.fastest == "ov-int8" and doc.target.speedup == 6.6 and doc.target.met
+    assert doc.target.goal_speedup == 6.0 and doc.target.baseline == "fp32"
     # on an AVX2 host the same figures meet its 4.5x goal; where no goal is set, none is claimed
-    avx2 = _summarise(spec, [row("fp32", 400.0, 3200.0, 100.0), row("ov-int8", 50.0, 400.0, 100.0)],
-                      "test host", 2, 10, 2, "x86-avx2")["target"]
-    assert avx2["goal_speedup"] == 4.5 and avx2["met"]
-    assert _summarise(spec, [row("fp32", 400.0, 3200.0, 100.0)], "test host", 2, 10, 2,
-                      "arm-dotprod")["target"]["met"] is None
-    assert doc["variants"][1]["speedup_full_volume_inference"] == 8.0
+    avx2 = summarise(spec, [row("fp32", 400.0, 3200.0, 100.0), row("ov-int8", 50.0, 400.0, 100.0)],
+                     "test host", 2, 10, 2, "x86-avx2").target
+    assert avx2.goal_speedup == 4.5 and avx2.met
+    assert summarise(spec, [row("fp32", 400.0, 3200.0, 100.0)], "test host", 2, 10, 2,
+                     "arm-dotprod").target.met is None
+    assert doc.variants[1].speedup_full_volume_inference == 8.0
     text = render_markdown(doc)
     assert "Inference alone is 8.0x faster than FP32's" in text
     assert "limits the full-volume speed-up to at most 33.0x" in text

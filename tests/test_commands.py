@@ -26,19 +26,22 @@ from test_updater import (
     wait_until,
 )
 
-from agent.config import MqttConfig, RegistryConfig
-from agent.db import connect
-from agent.errors import RegistryError
-from agent.publish.commands import Command, CommandDispatcher, CommandRejected, parse_command
-from agent.publish.mqtt import MqttPublisher
-from agent.publish.outbox import Outbox
-from agent.publish.payloads import parse_event, parse_status, status_payload
-from agent.publish.topics import Topics
-from agent.registry.client import RegistryClient
-from agent.registry.probe import probe
-from agent.registry.store import ModelStore
-from agent.registry.updater import ModelUpdater
-from agent.types import Event
+from agent.control.commands import Command, CommandDispatcher, CommandRejected, Handler, parse_command
+from agent.core import events as typed
+from agent.core.config import MqttConfig, RegistryConfig
+from agent.core.db import connect
+from agent.core.errors import RegistryError
+from agent.core.events import CommandCompleted, CommandFailed, RollbackOutcome
+from agent.core.status import SelfTestReport
+from agent.core.topics import Topics
+from agent.core.types import Event
+from agent.device.probe import probe
+from agent.mqtt.outbox import Outbox
+from agent.mqtt.payloads import event_payload, parse_event, parse_status, status_payload
+from agent.mqtt.publisher import MqttPublisher
+from agent.updates.client import RegistryClient
+from agent.updates.store import ModelStore
+from agent.updates.updater import ModelUpdater
 
 MODEL = "mr-brain-cls"
 DEVICE = "dev-c"
@@ -101,6 +104,42 @@ def test_handler_results_failures_and_crashes_are_answered() -> None:
                      ("command.failed", "c1", "no previous version"),
                      ("command.failed", "c2", "internal error: ValueError: boom")]
     assert events[0].fields["result"][0]["stage"] == "download"  # the outcome travels with the answer
+
+
+def test_answers_are_the_typed_command_events() -> None:
+    """command.* answers carry exactly the fields of their agent/core/events/ models; handler
+    results (the core outcome types) travel field by field in ``result``."""
+    events: list[Event] = []
+    handlers: dict[str, Handler] = {
+        "selftest": lambda c: [SelfTestReport("m", "1.0.0", "int8", True),
+                               SelfTestReport("m", "1.0.0", "fp32", False, "output mismatch")],
+        "rollback": lambda c: RollbackOutcome("m", "1.0.0", "1.1.0", "int8"),
+        "update": lambda c: None,
+    }
+    d = CommandDispatcher(TOPICS, handlers, events.append)
+    d.run_one(Command("selftest", "s-1", "m", 0.0))
+    d.run_one(Command("rollback", "r-1", None, 0.0))
+    d.run_one(Command("update", "u-1", None, 0.0))
+    d(f"{TOPICS.base}/cmd/update", b'{"correlation_id": "u-2"}')  # queued (not started): accepted
+    d(f"{TOPICS.base}/cmd/reboot", b'{"correlation_id": "x-1"}')
+    assert [(e.kind, e.severity) for e in events] == [
+        ("command.failed", "error"), ("command.completed", "info"), ("command.completed", "info"),
+        ("command.accepted", "info"), ("command.rejected", "warning")]
+    failed, rolled, updated, accepted, rejected = events
+    assert list(failed.fields) == list(CommandFailed.field_names())
+    assert failed.fields["error"] == "m fp32: output mismatch" and failed.message == "selftest failed: m fp32: output mismatch"
+    assert failed.fields["result"][1] == {"model": "m", "version": "1.0.0", "variant": "fp32",  # type: ignore[index]
+                                          "passed": False, "error": "output mismatch", "max_abs_err": None}
+    assert list(rolled.fields) == list(CommandCompleted.field_names()) and rolled.message == "rollback completed"
+    assert rolled.fields["result"] == {"model": "m", "version": "1.0.0", "from_version": "1.1.0",
+                                       "variant": "int8", "ok": True}
+    assert "result" not in updated.fields  # the handler had nothing to report
+    assert accepted.fields == {"command": "update", "correlation_id": "u-2", "model": None}
+    assert accepted.message == "update accepted"
+    assert list(rejected.fields) == list(typed.CommandRejected.field_names())
+    assert rejected.fields["correlation_id"] == "x-1" and rejected.message.startswith("command rejected: unknown")
+    for e in events:
+        parse_event(event_payload(e, DEVICE))
 
 
 def test_queue_full_and_shutdown() -> None:
@@ -331,8 +370,8 @@ def test_a_retained_command_is_not_replayed(protocol: str, make_device: Callable
 
 def test_the_service_wires_updates_and_commands(mosquitto: Any, operator: Operator, server: RegistryServer,
                                                 built: Built, tmp_path: Path) -> None:
-    """agent.service.Service as deployed: cmd/update and cmd/rollback drive the real EngineManager."""
-    from agent.config import Config
+    """agent.service.Service as deployed: cmd/update and cmd/rollback drive the real VariantManager."""
+    from agent.core.config import Config
     from agent.service import Service
 
     cfg = Config.model_validate({

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from agent.config import load_config
-from agent.errors import ConfigError
+from agent.core.config import load_config
+from agent.core.errors import ConfigError
 
 
 def test_defaults_work_without_a_file() -> None:
@@ -67,9 +67,9 @@ def test_unreadable_toml_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_configuration_reference_is_current() -> None:
-    from agent.config import render_reference
+    from agent.core.config import render_reference
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert doc.read_text().strip() == render_reference().strip(), (
-        "docs/configuration.md is stale: python -m agent.config > docs/configuration.md"
+        "docs/configuration.md is stale: python -m agent.core.config > docs/configuration.md"
     )

@@ -1,5 +1,5 @@
-"""Instruction-set families and the device's own accuracy gate: the rules (agent.isa, agent.accuracy,
-agent.engines.device_gate) on their own. The whole path, a registry built by edge-deploy and gated
+"""Instruction-set families and the device's own accuracy gate: the rules (agent.core.isa, agent.core.accuracy,
+agent.variants.device_gate) on their own. The whole path, a registry built by edge-deploy and gated
 in a real worker at activation, is in tests/test_engines.py."""
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.accuracy import ValidationSamples, load_validation_set, write_validation_set
-from agent.engines.device_gate import judge_predictions, predict, score
-from agent.isa import isa_family, proof_needed, refusal
-from agent.manifest import Variant
-from agent.modelspec import load_spec
+from agent.core.accuracy import ValidationSamples, load_validation_set, write_validation_set
+from agent.core.isa import isa_family, proof_needed, refusal
+from agent.core.manifest import Variant
+from agent.core.modelspec import load_spec
+from agent.inference.validation import predict
+from agent.variants.device_gate import judge_predictions, score
 
 REPO = Path(__file__).resolve().parents[1]
 

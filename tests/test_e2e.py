@@ -13,7 +13,7 @@ import pytest
 from conftest import AgentProcess, Mosquitto, ResultCollector, require_binary, storescu
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from agent.publish.payloads import parse_event, parse_result
+from agent.mqtt.payloads import parse_event, parse_result
 from deploy.synth import make_ct_phantom, make_mr_slice, write_ct_series, write_mr_series
 
 pytestmark = pytest.mark.slow

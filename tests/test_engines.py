@@ -22,14 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.config import Config
-from agent.engines import EngineManager
-from agent.errors import ActivationError
+from agent.core.config import Config
+from agent.core.errors import ActivationError
+from agent.core.manifest import parse_manifest
+from agent.core.status import ModelSummary
+from agent.core.types import Event, Instance, Series
 from agent.inference.runner import FAULT_ENV, InferenceRunner, JobOutcome
-from agent.manifest import parse_manifest
-from agent.registry.client import RegistryClient
-from agent.registry.store import ModelStore
-from agent.types import Event, Instance, Series
+from agent.updates.client import RegistryClient
+from agent.updates.store import ModelStore
+from agent.variants import VariantManager
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "conv-cls"
@@ -157,7 +158,7 @@ def kinds(events: list[Event]) -> list[str]:
     return [e.kind for e in events]
 
 
-def run(mgr: EngineManager, runner: InferenceRunner, series: Series, job_id: str = "job") -> JobOutcome:
+def run(mgr: VariantManager, runner: InferenceRunner, series: Series, job_id: str = "job") -> JobOutcome:
     outcome = mgr.run_job(job_id, series, MODEL, runner.submit)
     assert outcome.ok, f"{outcome.kind}: {outcome.error}"
     assert outcome.prediction is not None
@@ -172,7 +173,7 @@ def test_activation_measures_picks_int8_and_a_restart_reuses_the_choice(
     store = install(registry, tmp_path, "1.0.0")
     events: list[Event] = []
     cfg = make_cfg(tmp_path)
-    mgr = EngineManager(cfg, store, cfg.db_path, events.append, runner=runner)
+    mgr = VariantManager(cfg, store, cfg.db_path, events.append, runner=runner)
     act = mgr.activate(MODEL, "1.0.0", correlation_id="c-1")
 
     results = {t.id: t for t in act.results}
@@ -206,7 +207,7 @@ def test_activation_measures_picks_int8_and_a_restart_reuses_the_choice(
 
     # a restart: same manifest, backends and hardware -> the stored choice, no trial run at all
     idle = InferenceRunner(Path("models"), threads=2, job_timeout_s=60)
-    again = EngineManager(cfg, ModelStore(tmp_path), cfg.db_path, events.append, runner=idle)
+    again = VariantManager(cfg, ModelStore(tmp_path), cfg.db_path, events.append, runner=idle)
     act2 = again.activate(MODEL, "1.0.0")
     assert not act2.measured and act2.variant == act.variant and act2.results == act.results
     assert idle.worker_pid is None  # nothing was loaded or timed
@@ -219,7 +220,7 @@ def test_activation_measures_picks_int8_and_a_restart_reuses_the_choice(
     # a different hardware/backend fingerprint (here: the thread count) is measured afresh
     cfg1 = make_cfg(tmp_path)
     cfg1.pipeline.threads = 1
-    other = EngineManager(cfg1, ModelStore(tmp_path), cfg1.db_path, events.append, runner=runner)
+    other = VariantManager(cfg1, ModelStore(tmp_path), cfg1.db_path, events.append, runner=runner)
     assert other.activate(MODEL, "1.0.0").measured
     other.close()
 
@@ -236,13 +237,26 @@ def test_activation_measures_picks_int8_and_a_restart_reuses_the_choice(
     by_id = {v["id"]: v for v in m["variants"]}
     assert by_id["fp32"]["passed"] and by_id["fp32"]["latency_ms"] > 0
     assert by_id["ort-int8-s8s8"]["tried"] is False
+    # the documented JSON (docs/engines.md; printed with sorted keys): every key, the same omissions
+    assert set(m) == {"name", "source", "version", "previous", "versions", "task", "manifest_sha256",
+                      "choice_key", "active", "jobs", "variants", "guard"}
+    assert set(m["active"]) == {"variant", "backend", "precision", "reason", "chosen", "measured_at"}
+    assert set(by_id["fp32"]) == {"id", "backend", "precision", "installed", "priority", "fast_on", "targets",
+                                  "tried", "passed", "error", "max_abs_err", "latency_ms", "load_ms",
+                                  "measured_precision", "proof"}
+    assert m["previous"] is None and m["versions"] == ["1.0.0"] and m["jobs"] == {"ok": 1, "failed": 0}
+    assert m["guard"] == {}  # counters live in the daemon's jobs only
+    assert main(["models", "--config", str(tmp_path / "agent.toml")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"{MODEL} 1.0.0 (registry): {act.variant} [") and "\n  why: fastest passing" in text
 
 
 def _republish(reg: Registry, version: str, change: dict[str, object]) -> Path:
     """Publish the gated build again as ``version``, then apply ``change`` ({variant id: callable
     taking (version folder, manifest entry)}) to the published files and manifest and sign the
     result with the registry's key: what a publisher whose gate was wrong would ship."""
-    from agent.manifest import canonical_json, sha256_bytes
+    from agent.core.manifest import canonical_json
+    from agent.core.util import sha256_bytes
     from deploy.publish import publish_build, update_index
     from deploy.sign import load_private_key, public_pem, sign
 
@@ -279,7 +293,7 @@ def _wrong_but_self_consistent(vdir: Path, entry: dict) -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from agent.manifest import sha256_file
+    from agent.core.util import sha256_file
 
     path = vdir / entry["file"]
     model = onnx.load(str(path))
@@ -312,7 +326,7 @@ def test_device_gate_refuses_a_variant_wrong_on_this_device_and_proves_an_unprov
     assert (store.installed(MODEL, version).path / "validation" / "set.npz").is_file()  # type: ignore[union-attr]
     events: list[Event] = []
     cfg = make_cfg(tmp_path)
-    mgr = EngineManager(cfg, store, cfg.db_path, events.append, runner=runner)
+    mgr = VariantManager(cfg, store, cfg.db_path, events.append, runner=runner)
     act = mgr.activate(MODEL, version)
     results = {t.id: t for t in act.results}
     family = mgr.probe.cpu.isa_family
@@ -332,7 +346,7 @@ def test_device_gate_refuses_a_variant_wrong_on_this_device_and_proves_an_unprov
     assert gate_events["ov-int8"].fields["passed"] is True
     assert "engine.device_gate_started" in kinds(events)
     # the refusal is remembered with the choice: a restart does not run the gate again
-    again = EngineManager(cfg, ModelStore(tmp_path), cfg.db_path, events.append,
+    again = VariantManager(cfg, ModelStore(tmp_path), cfg.db_path, events.append,
                           runner=InferenceRunner(Path("models"), threads=2, job_timeout_s=60))
     act2 = again.activate(MODEL, version)
     assert not act2.measured and {t.id: t for t in act2.results}["ort-int8-u8s8-rr"].error == wrong.error
@@ -345,7 +359,7 @@ def test_failing_variant_falls_back_to_fp32_then_is_demoted(
     store = install(registry, tmp_path, "1.0.0")
     events: list[Event] = []
     cfg = make_cfg(tmp_path, max_consecutive_failures=2, shadow_every=0)
-    mgr = EngineManager(cfg, store, cfg.db_path, events.append, runner=runner)
+    mgr = VariantManager(cfg, store, cfg.db_path, events.append, runner=runner)
     chosen = mgr.activate(MODEL, "1.0.0").variant
 
     fault(f"nan@{chosen}")  # the chosen variant returns NaN; FP32 is untouched
@@ -366,11 +380,13 @@ def test_failing_variant_falls_back_to_fp32_then_is_demoted(
     # demoted until the next update: FP32 is the primary now, also for a fresh manager (restart)
     fault("")
     assert mgr.plan(MODEL).primary.variant == "fp32"
-    restarted = EngineManager(cfg, ModelStore(tmp_path), cfg.db_path, events.append, runner=runner)
+    restarted = VariantManager(cfg, ModelStore(tmp_path), cfg.db_path, events.append, runner=runner)
     assert restarted.plan(MODEL).primary.variant == "fp32"
     (desc,) = restarted.describe()
-    assert desc["active"]["variant"] == "fp32" and "demoted" in desc["active"]["reason"]
-    assert [v for v in desc["variants"] if v["id"] == chosen][0]["demoted"]
+    assert desc.active is not None and desc.active.variant == "fp32" and "demoted" in desc.active.reason
+    assert desc.active.chosen == chosen
+    (row,) = [v for v in desc.variants if v.id == chosen]
+    assert row.demoted and list(row.to_json())[-1] == "demoted"
     mgr.close()
     restarted.close()
 
@@ -380,12 +396,16 @@ def test_shadow_validation_demotes_a_variant_that_disagrees_with_fp32(
     store = install(registry, tmp_path, "1.0.0")
     events: list[Event] = []
     cfg = make_cfg(tmp_path, shadow_every=1, shadow_min_samples=2, shadow_window=10)
-    mgr = EngineManager(cfg, store, cfg.db_path, events.append, runner=runner)
+    mgr = VariantManager(cfg, store, cfg.db_path, events.append, runner=runner)
     chosen = mgr.activate(MODEL, "1.0.0").variant
 
     # an honest variant agrees with FP32 on every shadowed job
     run(mgr, runner, registry.series[0], "job-agree")
-    assert mgr.guard.stats(MODEL)["shadow_agreement"] == 1.0
+    stats = mgr.guard.stats(MODEL)
+    assert stats is not None and stats.shadow_agreement == 1.0
+    assert mgr.describe()[0].to_json()["guard"] == {"variant": f"1.0.0/{chosen}", "jobs": 1,
+                                                     "consecutive_failures": 0, "shadow_comparisons": 1,
+                                                     "shadow_agreement": 1.0}
 
     fault(f"disagree@{chosen}")  # finite, plausible, wrong: only the shadow comparison can tell
     outcomes = [run(mgr, runner, s, f"job-{i}") for i, s in enumerate(registry.series)]
@@ -406,7 +426,7 @@ def test_new_version_whose_first_jobs_fail_is_rolled_back(
     assert (store.current_version(MODEL), store.previous_version(MODEL)) == ("2.0.0", "1.0.0")
     events: list[Event] = []
     cfg = make_cfg(tmp_path, rollback_after_failures=2, shadow_every=0)
-    mgr = EngineManager(cfg, store, cfg.db_path, events.append, runner=runner)
+    mgr = VariantManager(cfg, store, cfg.db_path, events.append, runner=runner)
     mgr.activate(MODEL, "1.0.0")
     mgr.activate(MODEL, "2.0.0")
 
@@ -434,7 +454,7 @@ def test_version_whose_fp32_fails_its_self_test_is_not_activated(
     fp32.write_bytes(bytes(data))
     events: list[Event] = []
     cfg = make_cfg(tmp_path)
-    mgr = EngineManager(cfg, store, cfg.db_path, events.append, runner=runner)
+    mgr = VariantManager(cfg, store, cfg.db_path, events.append, runner=runner)
     with pytest.raises(ActivationError, match="FP32 fallback 'fp32' failed its self-test.*sha256"):
         mgr.activate(MODEL, "1.0.0", correlation_id="c-9")
     failed = [e for e in events if e.kind == "engine.activation_failed"]
@@ -446,15 +466,22 @@ def test_version_whose_fp32_fails_its_self_test_is_not_activated(
 def test_without_a_registry_model_the_models_dir_fp32_runs(
         registry: Registry, runner: InferenceRunner, tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, models_dir=registry.model_dir.parent)
-    mgr = EngineManager(cfg, ModelStore(tmp_path), cfg.db_path, lambda _e: None, runner=runner)
+    mgr = VariantManager(cfg, ModelStore(tmp_path), cfg.db_path, lambda _e: None, runner=runner)
     (desc,) = mgr.describe()
-    assert desc["source"] == "models.dir" and desc["active"]["variant"] == "fp32"
-    assert "no registry model installed" in desc["active"]["reason"]
+    assert desc.to_json() == {
+        "name": MODEL, "source": "models.dir", "version": "1.0.0", "task": "classification",
+        "path": str(registry.model_dir / "model.onnx"),
+        "active": {"variant": "fp32", "backend": "onnxruntime", "precision": "fp32",
+                   "reason": "no registry model installed: running the FP32 ONNX from models.dir"},
+        "variants": []}
     pred = run(mgr, runner, registry.series[0]).prediction
     assert pred is not None and (pred.model.variant, pred.model.backend, pred.model.version) == \
         ("fp32", "onnxruntime", "1.0.0")
-    assert mgr.summary() == [{"name": MODEL, "version": "1.0.0", "variant": "fp32", "backend": "onnxruntime",
-                              "precision": "fp32", "accuracy": "", "source": "models.dir"}]
+    assert mgr.summary() == [ModelSummary(name=MODEL, version="1.0.0", variant="fp32", backend="onnxruntime",
+                                          precision="fp32", accuracy="", source="models.dir")]
+    assert [m.to_json() for m in mgr.summary()] == [{"name": MODEL, "version": "1.0.0", "variant": "fp32",
+                                                     "backend": "onnxruntime", "precision": "fp32", "accuracy": "",
+                                                     "source": "models.dir"}]
     mgr.close()
 
 
@@ -463,7 +490,7 @@ def test_the_daemon_runs_the_chosen_variant_and_says_so(registry: Registry, tmp_
     the result name the measured variant (DICOM in over C-STORE, results out over MQTT)."""
     from conftest import AgentProcess, ResultCollector, storescu
 
-    from agent.publish.payloads import parse_result
+    from agent.mqtt.payloads import parse_result
 
     agent = AgentProcess(tmp_path, mosquitto.port, stable_age_s=0.5,
                          extra_toml="")

@@ -1,4 +1,4 @@
-"""The accuracy gate (deploy.gate): verdicts, batch invariance, and one small end-to-end run.
+"""The accuracy gate (deploy.gate and its parts): verdicts, batch invariance, one small end-to-end run.
 
 The end-to-end run uses a tiny classifier (tests/test_quantize.py) behind an MR model.toml with
 a 16x16 input, so calibrate -> quantize -> gate over real synthetic DICOM takes seconds; one of
@@ -18,14 +18,22 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from agent.accuracy import classification_metrics, load_validation_set
-from agent.isa import ONEDNN_MAX_ISA
-from agent.manifest import sha256_file
-from agent.modelspec import GateSpec
+from agent.core.accuracy import (
+    classification_metrics,
+    compare_classification,
+    compare_segmentation,
+    load_validation_set,
+)
+from agent.core.isa import ONEDNN_MAX_ISA
+from agent.core.manifest import IsaVerdict
+from agent.core.modelspec import GateSpec
+from agent.core.util import sha256_file
 from deploy.calibrate import QuantConfig, calibrate
-from deploy.gate import batch_invariance, compare_classification, compare_segmentation, gate
+from deploy.gate import gate
+from deploy.gate_compare import batch_invariance
 from deploy.gate_families import isa_limited_families, plan_runs, publishability
 from deploy.quantize import quantize
+from deploy.records import GateDoc, MeasuredVariant, VariantVerdict
 from deploy.variants import SIM_BACKEND, Host, catalogue_by_id, host
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,9 +109,9 @@ def test_batch_invariance() -> None:
     x = np.random.default_rng(1).normal(size=(8, 1, 4, 4)).astype(np.float32)
     good, out1 = batch_invariance(_Linear(0.0), x, "classification")
     # float32 matmul may round differently per batch size (BLAS kernels differ by shape): tiny diffs
-    assert good["passed"] and good["max_abs_diff"] < 1e-5 and out1.shape == (8, 4)
+    assert good.passed and good.max_abs_diff < 1e-5 and out1.shape == (8, 4)
     bad, _ = batch_invariance(_Linear(5.0), x, "classification")
-    assert not bad["passed"] and bad["max_abs_diff"] > 1.0
+    assert not bad.passed and bad.max_abs_diff > 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,8 +166,8 @@ def test_publishability_rules() -> None:
     u8 = catalogue_by_id()["ort-int8-u8s8"]
     ov = catalogue_by_id()["ov-int8"]
 
-    def verdict(passed: bool, method: str) -> dict:
-        return {"passed": passed, "method": method, "summary": "", "host": ""}
+    def verdict(passed: bool, method: str) -> IsaVerdict:
+        return IsaVerdict.model_validate({"passed": passed, "method": method})
 
     # a failed native verdict for a family it does not target is recorded, not blocking
     ok, note = publishability(u8, True, {"x86-avx2": verdict(False, "native"), "x86-vnni": verdict(True, "simulated")},
@@ -235,9 +243,10 @@ def gated(tmp_path_factory: pytest.TempPathFactory) -> dict:
     build = root / "build"
     cfg = QuantConfig(calibration_samples=24, validation_samples=24, threads=1)
     calibrate(model_dir, build, cfg)
-    doc = quantize(build, ["fp32", "ort-int8-u8s8", "ort-int8-s8s8", "ov-int8", "trt-fp8"])
+    quantize(build, ["fp32", "ort-int8-u8s8", "ort-int8-s8s8", "ov-int8", "trt-fp8"])
     # corrupt the s8s8 file after quantize, keeping variants.json consistent with it (as if the
-    # builder itself had produced a broken model)
+    # builder itself had produced a broken model): edited as plain JSON, as any other tool would
+    doc = json.loads((build / "variants.json").read_text())
     rec = next(r for r in doc["variants"] if r["id"] == "ort-int8-s8s8")
     _corrupt_first_conv(build / rec["file"])
     rec["sha256"] = sha256_file(build / rec["file"])
@@ -247,88 +256,115 @@ def gated(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "model_dir": model_dir, "build": build, "doc": result}
 
 
+def _measured(doc: GateDoc, vid: str) -> MeasuredVariant:
+    entry = doc.variants[vid]
+    assert isinstance(entry, MeasuredVariant), f"{vid} was not measured: {entry.failures}"
+    return entry
+
+
 def test_gate_end_to_end(gated: dict) -> None:
-    doc = gated["doc"]
+    doc: GateDoc = gated["doc"]
     build = gated["build"]
     me = host()
-    ref = doc["reference"]
+    ref = doc.reference
     assert sum(1 for col in zip(*ref["confusion"], strict=True) if sum(col)) >= 2  # FP32 predicts several classes
-    assert doc["validation"]["disjoint_from_calibration"] is True
-    assert doc["isa_family"] == me.isa_family
-    assert set(doc["passed"]) >= {"fp32", "ort-int8-u8s8"}
-    u8 = doc["variants"]["ort-int8-u8s8"]
-    assert u8["isa_family"] == me.isa_family and u8["targets"] == ["x86-vnni"] and u8["publishable"]
+    assert doc.validation.disjoint_from_calibration is True
+    assert doc.isa_family == me.isa_family
+    assert set(doc.passed) >= {"fp32", "ort-int8-u8s8"}
+    u8 = _measured(doc, "ort-int8-u8s8")
+    assert u8.isa_family == me.isa_family and u8.targets == ("x86-vnni",) and u8.publishable
     if me.arch == "x86_64":
-        assert u8["execution_precision"]["summary"].startswith("int8")  # this host's kernels, read back
-        assert u8["isa_verdicts"][me.isa_family]["method"] == "native"
+        assert u8.execution_precision.summary.startswith("int8")  # this host's kernels, read back
+        assert u8.isa_verdicts[me.isa_family].method == "native"
     # its target family: proven natively on a VNNI host, else by computing its arithmetic exactly
-    vnni = u8["isa_verdicts"]["x86-vnni"]
-    assert vnni["passed"] and vnni["method"] == ("native" if me.isa_family == "x86-vnni" else "simulated")
-    assert u8["method"] == vnni["method"]  # the figures stand for the target family's run
-    assert u8["batch_invariance"]["passed"]
-    assert u8["metrics"]["argmax_agreement"] >= 0.97
-    assert (build / u8["selftest"]["file"]).exists()
-    with np.load(build / u8["selftest"]["file"]) as st:
+    vnni = u8.isa_verdicts["x86-vnni"]
+    assert vnni.passed and vnni.method == ("native" if me.isa_family == "x86-vnni" else "simulated")
+    assert u8.method == vnni.method  # the figures stand for the target family's run
+    assert u8.batch_invariance.passed
+    assert u8.metrics["argmax_agreement"] >= 0.97
+    assert u8.selftest is not None and (build / u8.selftest.file).exists()
+    with np.load(build / u8.selftest.file) as st:
         assert st["input"].shape == (4, 1, 16, 16) and st["expected"].shape == (4, 4)
     # TensorRT FP8 graph: validated by ORT simulating its Q/DQ arithmetic, and says so
-    fp8 = doc["variants"]["trt-fp8"]
-    assert "simulating" in fp8["validated_with"] and fp8["isa_verdicts"] == {}
+    fp8 = _measured(doc, "trt-fp8")
+    assert "simulating" in fp8.validated_with and fp8.isa_verdicts == {}
+
+
+def test_gate_json_reads_back_as_written(gated: dict) -> None:
+    """The typed records write exactly the JSON they read: gate.json and variants.json round-trip."""
+    from deploy.records import VariantsDoc
+
+    build = gated["build"]
+    for cls, name in ((GateDoc, "gate.json"), (VariantsDoc, "variants.json")):
+        raw = json.loads((build / name).read_text())
+        assert json.loads(json.dumps(cls.read(build / name).model_dump())) == raw
+    assert GateDoc.read(build / "gate.json") == gated["doc"]
+    # an entry the gate could not measure has no figures, and is told apart from one it could
+    doc = GateDoc.model_validate({**json.loads((build / "gate.json").read_text()), "variants": {
+        "x": {"passed": False, "failures": ["not built: y"], "isa_verdicts": {}, "targets": []}}})
+    assert type(doc.variants["x"]) is VariantVerdict and not doc.variants["x"].may_publish
 
 
 def test_isa_limited_runs_cover_every_lower_family(gated: dict) -> None:
     """OpenVINO is run restricted (ONEDNN_MAX_CPU_ISA) to each family below this host's, in a fresh
     process, and judged on the device validation set; a family the host cannot emulate gets none."""
     me = host()
-    ov = gated["doc"]["variants"]["ov-int8"]
+    doc: GateDoc = gated["doc"]
+    ov = _measured(doc, "ov-int8")
     lower = isa_limited_families(catalogue_by_id()["ov-int8"], me)
-    assert sorted(f for f, r in ov["isa_verdicts"].items() if r["method"] == "isa-limited") == sorted(lower)
+    assert sorted(f for f, r in ov.isa_verdicts.items() if r.method == "isa-limited") == sorted(lower)
+    assert doc.device_validation is not None
     for fam in lower:
-        run = ov["isa_limited"][fam]
-        assert run["onednn_max_cpu_isa"] == ONEDNN_MAX_ISA[fam]
-        assert run["n_samples"] == gated["doc"]["device_validation"]["n_samples"]
-        assert run["kernels"]  # what OpenVINO compiled to under the restriction
+        assert ov.isa_limited is not None
+        run = ov.isa_limited[fam]
+        assert run.onednn_max_cpu_isa == ONEDNN_MAX_ISA[fam]
+        assert run.n_samples == doc.device_validation.n_samples
+        assert run.kernels  # what OpenVINO compiled to under the restriction
     if me.isa_family in ("x86-avx2", "x86-vnni"):
-        assert ov["isa_verdicts"][me.isa_family]["method"] == "native"
+        assert ov.isa_verdicts[me.isa_family].method == "native"
         assert "x86-baseline" in lower
 
 
 def test_device_validation_set_round_trips(gated: dict) -> None:
-    from agent.engines.device_gate import predict, score
-    from deploy.gate import flat_metrics, load_variant, warmup_shape
+    from agent.inference.validation import predict
+    from agent.variants.device_gate import score
+    from deploy.gate_reference import flat_metrics
+    from deploy.gate_runtime import load_variant, warmup_shape
 
     doc, build = gated["doc"], gated["build"]
-    dv = doc["device_validation"]
-    path = build / dv["file"]
-    assert dv["sha256"] == sha256_file(path) and dv["size"] == path.stat().st_size
+    dv = doc.device_validation
+    path = build / dv.file
+    assert dv.sha256 == sha256_file(path) and dv.size == path.stat().st_size
     samples = load_validation_set(path)
-    assert samples.task == "classification" and len(samples) == dv["n_samples"] == 24  # min(240, n=24)
+    assert samples.task == "classification" and len(samples) == dv.n_samples == 24  # min(240, n=24)
     assert all(x.shape == (1, 16, 16) for x in samples.inputs)
     assert sorted({int(t) for t in samples.truth}) == [0, 1, 2, 3]  # classes round robin
     # FP32's reference figures are reproducible from the file alone
-    from agent.modelspec import load_spec
+    from agent.core.modelspec import load_spec
 
     spec = load_spec(gated["model_dir"])
     fp32 = load_variant(spec, catalogue_by_id()["fp32"], build / "model.fp32.onnx", 1, warmup_shape(spec))
-    assert flat_metrics(score(samples, predict(fp32.run, samples, spec), spec)) == pytest.approx(dv["reference"])
+    assert flat_metrics(score(samples, predict(fp32.run, samples, spec), spec)) == pytest.approx(dv.reference)
 
 
 def test_gate_fails_a_corrupted_variant(gated: dict) -> None:
-    doc = gated["doc"]
-    assert "ort-int8-s8s8" in doc["failed"]
-    broken = doc["variants"]["ort-int8-s8s8"]
-    assert not broken["passed"] and not broken["publishable"] and "selftest" not in broken
+    doc: GateDoc = gated["doc"]
+    assert "ort-int8-s8s8" in doc.failed
+    broken = _measured(doc, "ort-int8-s8s8")
+    assert not broken.passed and not broken.publishable and broken.selftest is None
+    assert "selftest" not in json.loads((gated["build"] / "gate.json").read_text())["variants"]["ort-int8-s8s8"]
     # its target family is ARM SDOT: gated natively there, by the exact simulation elsewhere
-    dotprod = broken["isa_verdicts"]["arm-dotprod"]
-    assert not dotprod["passed"] and dotprod["method"] == ("native" if host().isa_family == "arm-dotprod" else "simulated")
+    dotprod = broken.isa_verdicts["arm-dotprod"]
+    assert not dotprod.passed and dotprod.method == ("native" if host().isa_family == "arm-dotprod" else "simulated")
     if host().arch != "aarch64":  # it cannot run natively here: no native run at all
-        assert [r["method"] for r in broken["runs"]] == ["simulated"]
-    assert any("argmax agreement with FP32" in f and "required (short by" in f for f in broken["failures"])
+        assert [r.method for r in broken.runs] == ["simulated"]
+    assert any("argmax agreement with FP32" in f and "required (short by" in f for f in broken.failures)
 
 
 def test_gate_refuses_a_variant_changed_after_quantize(gated: dict, tmp_path: Path) -> None:
     import shutil
 
-    from deploy.gate import GateError
+    from deploy.gate_runtime import GateError
 
     build = tmp_path / "build"
     shutil.copytree(gated["build"], build)

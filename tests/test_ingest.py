@@ -22,6 +22,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,9 +39,9 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from agent.config import DicomConfig, TlsConfig
-from agent.db import connect
-from agent.errors import (
+from agent.core.config import DicomConfig, TlsConfig
+from agent.core.db import connect
+from agent.core.errors import (
     ConfigError,
     DicomError,
     MalformedDicomError,
@@ -48,6 +49,8 @@ from agent.errors import (
     StorageError,
     UnsupportedDicomError,
 )
+from agent.core.log import KeyValueFormatter
+from agent.core.types import Event, Instance, SpooledSeries
 from agent.ingest import (
     ALL_STORAGE_SOP_CLASSES,
     DEFAULT_STORAGE_SOP_CLASSES,
@@ -64,9 +67,8 @@ from agent.ingest.sopclasses import (
     is_image_storage,
     resolve_sop_class,
 )
-from agent.ingest.spool import _write_marked, dataset_offset
-from agent.log import KeyValueFormatter
-from agent.types import Event, Instance
+from agent.ingest.spool import dataset_offset
+from agent.ingest.spool.pool import write_marked
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,7 +99,7 @@ class Rig:
         return self.listener.port
 
     def rows(self) -> list[Any]:
-        return self.spool._conn.execute("SELECT * FROM instances").fetchall()
+        return self.spool._journal.conn.execute("SELECT * FROM instances").fetchall()
 
     def spooled_files(self) -> list[Path]:
         return sorted(p for p in self.spool.root.rglob("*")
@@ -549,7 +551,7 @@ def test_malformed_instances_are_quarantined_and_the_next_store_succeeds(
     reasons = [e.fields["reason"] for e in quarantined]
     assert "missing SeriesInstanceUID" in reasons[0]
     assert "no pixel data" in reasons[1]
-    qrows = rig.spool._conn.execute("SELECT * FROM quarantine").fetchall()
+    qrows = rig.spool._journal.conn.execute("SELECT * FROM quarantine").fetchall()
     assert len(qrows) == 3 and all(Path(r["path"]).exists() for r in qrows)
 
     [good] = ct_series(tmp_path / "good", n=1)
@@ -630,7 +632,7 @@ def test_no_patient_fields_in_logs_events_journal_or_sidecars(
         [fmt.format(r) for r in caplog.records]
         + [repr(e) for e in rig.events]
         + [repr(i) for i in rig.instances]
-        + list(rig.spool._conn.iterdump())
+        + list(rig.spool._journal.conn.iterdump())
         + [p.read_text() for p in rig.spool.quarantine_dir.glob("*.json")]
     )
     assert "instance.quarantined" in text and "association.closed" in text
@@ -805,6 +807,36 @@ def test_spool_delete_series_removes_rows_files_and_dirs(tmp_path: Path) -> None
     assert spool.delete_series(series) == 0
 
 
+def test_series_summary_gives_one_record_per_series_and_reads_safely_during_stores(tmp_path: Path) -> None:
+    ticks = iter(range(1000, 1100))
+    spool = Spool(tmp_path / "spool", tmp_path / "q", connect(tmp_path / "db"), 0,
+                  clock=lambda: float(next(ticks)))
+    assert spool.series_summary() == []
+    three = _ct_bytes(tmp_path, 3)
+    ds = pydicom.dcmread(io.BytesIO(_ct_bytes(tmp_path, 1)[0]))
+    ds.SeriesDescription, ds.BodyPartExamined = "AXIAL 5mm", "CHEST"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    first = [spool.store_bytes(b)[0] for b in three]
+    single, _ = spool.store_bytes(buf.getvalue())
+    assert spool.store_bytes(three[0])[1] is False  # a duplicate is not counted twice
+    by_size = sorted(spool.series_summary(), key=lambda s: s.instances)
+    assert by_size == [
+        SpooledSeries(single.series_uid, single.study_uid, "CT", "AXIAL 5mm", "CHEST", 1, 1003.0),
+        SpooledSeries(first[0].series_uid, first[0].study_uid, "CT", "", "", 3, 1002.0),
+    ]
+
+    # the listener's threads store while the service reads: both go through the spool's lock
+    more = _ct_bytes(tmp_path, 8)
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        reader = pool.submit(lambda: [spool.series_summary() for _ in range(200)])
+        stored = list(pool.map(spool.store_bytes, more))
+        reader.result()
+    assert all(created for _, created in stored)
+    assert sorted(s.instances for s in spool.series_summary()) == [1, 3, 8]
+    spool.close()
+
+
 def test_spool_copies_when_it_cannot_link_and_maps_enospc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spool = Spool(tmp_path / "spool", tmp_path / "q", connect(tmp_path / "db"), 0)
     [src] = ct_series(tmp_path / "in", n=1)
@@ -922,7 +954,7 @@ def test_reconcile_moves_a_filled_pool_file_into_place_and_journals_it(tmp_path:
     spool.store_bytes(a)
     # a crash after fdatasync (the peer may have had its Success) but before the rename
     pooled = spool._take_pool_file()
-    _write_marked(pooled, memoryview(b))
+    write_marked(pooled, memoryview(b))
     final, uid = _final_path(spool, b)
 
     spool2 = _restart(tmp_path, spool)
@@ -942,9 +974,9 @@ def test_reconcile_drops_torn_pool_files_and_keeps_empty_ones(tmp_path: Path) ->
     # crashes during the write, before fdatasync returned (never acknowledged): a marked file cut
     # short, a marked file with a zeroed page (writeback out of order), and bytes with no mark
     short, holed, unmarked = (spool._take_pool_file() for _ in range(3))
-    _write_marked(short, memoryview(a))
+    write_marked(short, memoryview(a))
     os.truncate(short, len(a) // 2)
-    _write_marked(holed, memoryview(b))
+    write_marked(holed, memoryview(b))
     with open(holed, "r+b") as f:
         f.seek(len(b) - 8192)
         f.write(bytes(4096))
@@ -969,7 +1001,7 @@ def test_reconcile_journals_a_spooled_file_whose_row_was_lost(tmp_path: Path) ->
     kept, _ = spool.store_bytes(a)
     lost, _ = spool.store_bytes(b, calling_ae="PACS")
     # synchronous=NORMAL: the last commits may be gone after a power loss, the renamed file is not
-    spool._conn.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (lost.sop_instance_uid,))
+    spool._journal.conn.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (lost.sop_instance_uid,))
 
     spool2 = _restart(tmp_path, spool)
     assert spool2.reconcile() == 1
@@ -982,7 +1014,7 @@ def test_reconcile_journals_a_spooled_file_whose_row_was_lost(tmp_path: Path) ->
 
 def test_spool_journal_is_normal_sync_and_store_writes_one_marked_file(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", tmp_path / "q", connect(tmp_path / "state.db"), 0)
-    assert spool._conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert spool._journal.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     [blob] = _ct_bytes(tmp_path, 1)
     inst, created = spool.store_bytes(blob)
     stored = inst.path.read_bytes()
@@ -997,12 +1029,12 @@ def test_spool_journal_is_normal_sync_and_store_writes_one_marked_file(tmp_path:
 def test_refused_sop_class_is_unmarked_so_a_crash_cannot_resurrect_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agent.ingest import spool as spool_mod
+    from agent.ingest.spool import pool as pool_mod
 
     spool = Spool(tmp_path / "spool", tmp_path / "q", connect(tmp_path / "state.db"), 0)
     [blob] = _ct_bytes(tmp_path, 1)
     # the crash comes before the refused pool file's removal reaches the disk
-    monkeypatch.setattr(spool_mod, "_unlink_quietly", lambda p: None)
+    monkeypatch.setattr(pool_mod, "remove_quietly", lambda p: None)
     with pytest.raises(UnsupportedDicomError):
         spool.store_bytes(blob, sop_classes={MR_IMAGE})
     [left] = pool_leftovers(spool)
@@ -1017,16 +1049,17 @@ def test_refused_sop_class_is_unmarked_so_a_crash_cannot_resurrect_it(
 def test_pool_refills_in_the_background_and_directories_get_synced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agent.ingest import spool as spool_mod
+    from agent.core import util
 
     synced: list[Path] = []
-    real = spool_mod._fsync_dir
+    real = util.fsync_dir
 
-    def recording_fsync_dir(d: Path) -> None:
+    def recording_fsync_dir(d: Path | str) -> None:
         synced.append(Path(d))
         real(d)
 
-    monkeypatch.setattr(spool_mod, "_fsync_dir", recording_fsync_dir)
+    # every part of the spool looks util.fsync_dir up at call time
+    monkeypatch.setattr(util, "fsync_dir", recording_fsync_dir)
     spool = Spool(tmp_path / "spool", tmp_path / "q", connect(tmp_path / "state.db"), 0,
                   pool_size=4, sync_interval_s=0.05)
 
@@ -1038,11 +1071,11 @@ def test_pool_refills_in_the_background_and_directories_get_synced(
     series_dir = insts[0].path.parent
     # the first store had to create the series directory (and fsync its parent) itself; the
     # renames into it are made durable by the background thread, as is the refill
-    wait_for(lambda: free() >= 2 and series_dir in synced and spool._dirty == set())
+    wait_for(lambda: free() >= 2 and series_dir in synced and spool._sync.pending() == 0)
     assert spool.pool_dir in synced
     assert pool_leftovers(spool) == [] and spool.count() == 7
     spool.close()
-    assert spool._worker is None
+    assert not spool._sync.running
     # after close() a store syncs its own directory
     synced.clear()
     spool.store_bytes(_ct_bytes(tmp_path, 1)[0])
@@ -1070,16 +1103,16 @@ def test_failed_pool_write_leaves_nothing_and_pool_survives(tmp_path: Path, monk
 _CRASH_CHILD = """
 import os, signal, sys
 from pathlib import Path
-from agent.db import connect
-from agent.ingest import spool as spool_mod
+from agent.core.db import connect
+from agent.ingest.spool import Spool
 root = Path(sys.argv[1])
-spool = spool_mod.Spool(root / "spool", root / "q", connect(root / "state.db"), 0)
+spool = Spool(root / "spool", root / "q", connect(root / "state.db"), 0)
 blobs = [Path(p).read_bytes() for p in sys.argv[2:]]
 spool.store_bytes(blobs[0])
 def die(*_a):
     # the process dies between fdatasync and rename: the spool never got to answer
     os.kill(os.getpid(), signal.SIGKILL)
-spool_mod.os.replace = die
+os.replace = die
 spool.store_bytes(blobs[1])
 """
 

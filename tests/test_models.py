@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.modelspec import GateSpec, InputSpec, ModelSpec, OutputSpec, RoutingSpec, load_spec
+from agent.core.modelspec import GateSpec, InputSpec, ModelSpec, OutputSpec, RoutingSpec, load_spec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -182,7 +182,7 @@ def test_evaluate_api_shared_set_and_outputs(tmp_path: Path) -> None:
 
 
 def test_segmentation_metrics() -> None:
-    from agent.accuracy import SegmentationScorer, dice_per_label, volume_error_pct
+    from agent.core.accuracy import SegmentationScorer, dice_per_label, volume_error_pct
 
     truth = np.zeros((4, 4, 4), np.uint8)
     truth[:2] = 1
@@ -201,7 +201,7 @@ def test_segmentation_metrics() -> None:
 
 
 def test_classification_metrics() -> None:
-    from agent.accuracy import argmax_agreement, classification_metrics
+    from agent.core.accuracy import argmax_agreement, classification_metrics
 
     m = classification_metrics([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0], ("x", "y", "z"))
     assert m["accuracy"] == pytest.approx(4 / 6)
@@ -217,7 +217,7 @@ def test_classification_metrics() -> None:
 def test_training_labels_follow_the_image_geometry() -> None:
     """Labels resampled with prepare's geometry and restored by the agent come back nearly
     unchanged (only the 3 mm resolution is lost), whatever the acquisition orientation."""
-    from agent.accuracy import dice_per_label
+    from agent.core.accuracy import dice_per_label
     from agent.imaging.preprocess import prepare, restore_label_map
     from agent.imaging.volume import build_volume
     from deploy.synth import make_ct_phantom

@@ -25,15 +25,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import MqttConfig, TlsConfig
-from agent.db import connect
-from agent.errors import PublishError
-from agent.publish.broker import EmbeddedBroker, broker_reachable
-from agent.publish.follow import follow_results
-from agent.publish.mqtt import MqttPublisher
-from agent.publish.outbox import Outbox
-from agent.publish.payloads import parse_event, parse_result, parse_status, result_id, status_payload
-from agent.types import (
+from agent.cli.follow import follow_results
+from agent.core.config import MqttConfig, TlsConfig
+from agent.core.db import connect
+from agent.core.errors import PublishError
+from agent.core.types import (
     ClassificationOutput,
     Event,
     LabelStats,
@@ -42,6 +38,10 @@ from agent.types import (
     Result,
     SegmentationOutput,
 )
+from agent.mqtt.outbox import Outbox
+from agent.mqtt.payloads import parse_event, parse_result, parse_status, result_id, status_payload
+from agent.mqtt.publisher import MqttPublisher
+from deploy.demo_broker import EmbeddedBroker, broker_reachable
 
 DEVICE = "dev1"
 PREFIX = "edge"
@@ -263,9 +263,9 @@ def test_duplicate_revision_is_enqueued_once(
 
 LWT_SCRIPT = textwrap.dedent("""
     import sys, time
-    from agent.config import MqttConfig, TlsConfig
-    from agent.db import connect
-    from agent.publish import MqttPublisher, Outbox, status_payload
+    from agent.core.config import MqttConfig, TlsConfig
+    from agent.core.db import connect
+    from agent.mqtt import MqttPublisher, Outbox, status_payload
     port, db, protocol = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     cfg = MqttConfig(host="127.0.0.1", port=port, topic_prefix="edge", protocol=protocol)
     pub = MqttPublisher(cfg, "dev1", Outbox(connect(db)),

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.db import connect, transaction
-from agent.errors import StorageError
-from agent.publish.outbox import Outbox
+from agent.core.db import connect, transaction
+from agent.core.errors import StorageError
+from agent.mqtt.outbox import Outbox
 
 
 @pytest.fixture

@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from agent.errors import PublishError
-from agent.publish.payloads import (
+from agent.core.errors import PublishError
+from agent.core.events import (
+    CATALOG,
+    DicomRejected,
+    EngineActivated,
+    EngineDeviceGate,
+    EngineFallback,
+    EngineSelftest,
+    JobFailed,
+    ModelUpdated,
+    TypedEvent,
+    UpdateOutcome,
+)
+from agent.core.status import SelfTestReport
+from agent.core.topics import Topics
+from agent.core.types import (
+    ClassificationOutput,
+    Event,
+    LabelStats,
+    ModelRef,
+    Prediction,
+    Result,
+    SegmentationOutput,
+)
+from agent.mqtt.payloads import (
     RESULT_SCHEMA,
     event_payload,
     parse_event,
@@ -17,16 +41,6 @@ from agent.publish.payloads import (
     result_id,
     result_payload,
     status_payload,
-)
-from agent.publish.topics import Topics
-from agent.types import (
-    ClassificationOutput,
-    Event,
-    LabelStats,
-    ModelRef,
-    Prediction,
-    Result,
-    SegmentationOutput,
 )
 
 SERIES = "1.2.826.0.1.3680043.8.498.11111111111111111111"
@@ -130,14 +144,87 @@ def test_nan_is_refused() -> None:
 
 
 def test_event_payload() -> None:
-    ev = Event("dicom.rejected", "warning", "unsupported transfer syntax",
-               {"sop_uid": "1.2.3", "count": 2, "ratio": 0.5})
+    ev = Event("job.failed", "error", "inference failed: timeout", {"series_uid": "1.2.3", "count": 2, "ratio": 0.5})
     doc = parse_event(event_payload(ev, "edge-01"))
     assert doc["schema"] == "edge-agent/event/1"
-    assert doc["kind"] == "dicom.rejected" and doc["severity"] == "warning"
-    assert doc["fields"] == {"sop_uid": "1.2.3", "count": 2, "ratio": 0.5}
+    assert doc["kind"] == "job.failed" and doc["severity"] == "error"
+    assert doc["fields"] == {"series_uid": "1.2.3", "count": 2, "ratio": 0.5}
     assert doc["device_id"] == "edge-01" and doc["created_at"].endswith("Z")
     assert parse_event(event_payload(Event("x", "info", "m", created_at=0.0), "d"))["created_at"] > "2020"
+
+
+# ----------------------------------------------------------------------- typed event kinds
+
+#: a value for every field type used in agent/core/events/ (a new type needs a line here)
+SAMPLES: dict[str, object] = {
+    "str": "s-1", "str | None": "s-2", "int": 7, "int | None": 3, "float": 1.25, "bool": False,
+    "Severity": "error", "tuple[str, ...]": ("int8", "fp32"),
+    "tuple[SelfTestReport, ...]": (SelfTestReport("m", "1.0.0", "int8", True, "", 0.01),
+                                   SelfTestReport("m", "1.0.0", "fp32", False, "mismatch")),
+    "tuple[DataclassInstance, ...]": (SelfTestReport("m", "1.0.0", "fp32", True),),
+    "CommandResult": [UpdateOutcome("m", True, "installed", "1.1.0", "1.1.0", "1.0.0", "int8")],
+}
+
+
+def sample(cls: type[TypedEvent], **values: object) -> TypedEvent:
+    args = {f.name: values.get(f.name, SAMPLES[str(f.type)]) for f in dataclasses.fields(cls)}
+    return cls(**args)
+
+
+@pytest.mark.parametrize("kind", sorted(CATALOG))
+def test_every_event_kind_makes_a_valid_message(kind: str) -> None:
+    cls = CATALOG[kind]
+    ev = sample(cls)
+    generic = ev.to_event(created_at=1714564805.25)
+    assert (generic.kind, generic.created_at) == (kind, 1714564805.25)
+    assert generic.severity in cls.severities()
+    assert generic.message and "\n" not in generic.message
+    doc = parse_event(event_payload(ev, "edge-01"))  # typed events are accepted as they are
+    same = parse_event(event_payload(ev.to_event(), "edge-01"))
+    assert {**doc, "created_at": ""} == {**same, "created_at": ""}
+    assert (doc["kind"], doc["severity"], doc["message"]) == (kind, generic.severity, generic.message)
+    assert list(doc["fields"]) == list(cls.field_names())  # every field, in order; details stay out
+    json.dumps(doc["fields"])
+    # optional fields are left out when None, and only those
+    if cls.optional_field_names():
+        bare = sample(cls, **dict.fromkeys(cls.optional_field_names()))
+        assert list(bare.fields()) == [n for n in cls.field_names() if n not in cls.optional_field_names()]
+
+
+def test_typed_events_say_what_the_emitters_said() -> None:
+    """Messages, severities and fields are those the emitters built by hand before (wire unchanged)."""
+    rj = DicomRejected(sop_instance_uid="1.2.3", calling_ae="CT1", reason="SOP class x not accepted",
+                       status=0xC211).to_event()
+    assert (rj.severity, rj.message) == ("warning", "C-STORE refused with 0xC211: SOP class x not accepted")
+    assert rj.fields == {"sop_instance_uid": "1.2.3", "calling_ae": "CT1", "reason": "SOP class x not accepted",
+                         "status": 0xC211}
+    assert DicomRejected(sop_instance_uid="", calling_ae="", reason="disk", status=0xA700,
+                         level="error").to_event().severity == "error"
+    gate = EngineDeviceGate(model="m", version="1", variant="int8", passed=False, family="x86-avx2",
+                            result="accuracy 0.5", seconds=2.0).to_event()
+    assert (gate.severity, gate.message) == (
+        "warning", "m 1: int8 refused by the device accuracy gate on x86-avx2: accuracy 0.5")
+    fb = EngineFallback(model="m", version="1", variant="int8", job_id="j", kind="crash",
+                        fallback_variant="fp32", error="signal 11").to_event()
+    assert fb.message == "m 1: int8 failed, job re-run on fp32: signal 11"
+    assert fb.fields == {"model": "m", "version": "1", "variant": "int8", "job_id": "j", "kind": "crash"}
+    act = EngineActivated(model="m", version="1", variant="int8", backend="onnxruntime", precision="int8",
+                          measured=True, reason="fastest", correlation_id="op-1").to_event()
+    assert act.message == "m 1: int8 (fastest)" and act.fields["correlation_id"] == "op-1"
+    assert "correlation_id" not in EngineActivated(model="m", version="1", variant="int8", backend="b",
+                                                   precision="p", measured=False, reason="r").fields()
+    st = EngineSelftest(results=SAMPLES["tuple[SelfTestReport, ...]"]).to_event()  # type: ignore[arg-type]
+    assert (st.severity, st.message) == ("warning", "1 of 2 variant self-test(s) passed")
+    assert st.fields["results"] == [  # type: ignore[index]
+        {"model": "m", "version": "1.0.0", "variant": "int8", "passed": True, "error": "", "max_abs_err": 0.01},
+        {"model": "m", "version": "1.0.0", "variant": "fp32", "passed": False, "error": "mismatch",
+         "max_abs_err": None}]
+    up = ModelUpdated(model="m", version="1.1.0", previous=None, variant=None, reason="", variants=("fp32",),
+                      downloaded_bytes=0, correlation_id=None).to_event()
+    assert up.message == "m 1.1.0 is active (?)" and up.fields["variants"] == ["fp32"]
+    assert up.fields["correlation_id"] is None  # always sent by the updater, null for polls
+    assert JobFailed(series_uid="1.2", model="m", kind="timeout", attempts=3,
+                     error="timed out").to_event().message == "inference failed: timed out"
 
 
 def test_status_payload_and_restamp() -> None:

@@ -189,9 +189,9 @@ class FakeBackend:
 
 def loaded(name: str, model: Path, precision: str = "fp32", **options: Any) -> Any:
     """A backend from the registry, loaded with one thread."""
-    from agent.inference import registry
+    from agent.inference import catalog
 
-    backend = registry.create(name)
+    backend = catalog.create(name)
     backend.load(model, precision=precision, threads=1, options=options)
     return backend
 
@@ -219,7 +219,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _ref(spec: Any, backend: Any) -> Any:
-    from agent.types import ModelRef
+    from agent.core.types import ModelRef
 
     info = backend.describe()
     return ModelRef(spec.name, spec.version, "fp32", info.name, info.precision)
@@ -228,8 +228,8 @@ def _ref(spec: Any, backend: Any) -> Any:
 def test_segmentation_end_to_end_onnxruntime(
     pipeline: Any, ct_series: list[Path], models: dict[str, Path]
 ) -> None:
-    from agent.modelspec import load_spec
-    from agent.types import SegmentationOutput
+    from agent.core.modelspec import load_spec
+    from agent.core.types import SegmentationOutput
 
     spec = load_spec(models["seg"])
     backend = loaded("onnxruntime", models["seg"] / "model.onnx", warmup_shape=(1, 1, 8, 32, 32))
@@ -261,7 +261,7 @@ def test_openvino_f32_matches_onnxruntime(
     pipeline: Any, ct_series: list[Path], models: dict[str, Path]
 ) -> None:
     pytest.importorskip("openvino", reason="openvino not installed (pip install edge-agent[openvino])")
-    from agent.modelspec import load_spec
+    from agent.core.modelspec import load_spec
 
     spec = load_spec(models["seg"])
     ort = loaded("onnxruntime", models["seg"] / "model.onnx", warmup_shape=(1, 1, 8, 32, 32))
@@ -276,8 +276,8 @@ def test_openvino_f32_matches_onnxruntime(
 
 
 def test_classification_end_to_end(pipeline: Any, ct_series: list[Path], models: dict[str, Path]) -> None:
-    from agent.modelspec import load_spec
-    from agent.types import ClassificationOutput
+    from agent.core.modelspec import load_spec
+    from agent.core.types import ClassificationOutput
 
     spec = load_spec(models["cls"])
     backend = loaded("onnxruntime", models["cls"] / "model.onnx", warmup_shape=(1, 1, 32, 32))
@@ -299,8 +299,8 @@ def test_classification_end_to_end(pipeline: Any, ct_series: list[Path], models:
 def test_non_finite_outputs_are_rejected(
     pipeline: Any, ct_series: list[Path], models: dict[str, Path], bad: float
 ) -> None:
-    from agent.errors import BackendError
-    from agent.modelspec import load_spec
+    from agent.core.errors import BackendError
+    from agent.core.modelspec import load_spec
 
     spec = load_spec(models["seg"])
 
@@ -317,8 +317,8 @@ def test_non_finite_outputs_are_rejected(
 def test_wrong_class_count_is_a_backend_error(
     pipeline: Any, ct_series: list[Path], models: dict[str, Path]
 ) -> None:
-    from agent.errors import BackendError
-    from agent.modelspec import load_spec
+    from agent.core.errors import BackendError
+    from agent.core.modelspec import load_spec
 
     spec = load_spec(models["cls"])
     backend = FakeBackend(lambda x: np.zeros((x.shape[0], 3), np.float32))

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from agent.errors import BackendError, EdgeAgentError, ModelSpecError
+from agent.core.errors import BackendError, EdgeAgentError, ModelSpecError
+from agent.core.types import ClassificationOutput, LabelStats, SegmentationOutput
 from agent.imaging import classification_outputs, dice, largest_component, segmentation_outputs
-from agent.types import ClassificationOutput, LabelStats, SegmentationOutput
 
 LABELS = ("background", "liver", "spleen", "kidney_left", "kidney_right")
 

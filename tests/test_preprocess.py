@@ -8,7 +8,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pytest
 
-from agent.errors import BackendError, PreprocessError
+from agent.core.errors import BackendError, PreprocessError
+from agent.core.modelspec import InputSpec
+from agent.core.types import Volume
 from agent.imaging import (
     gaussian_importance_map,
     patch_starts,
@@ -17,8 +19,6 @@ from agent.imaging import (
     sliding_window_inference,
 )
 from agent.imaging.preprocess import source_grid_label_stats
-from agent.modelspec import InputSpec
-from agent.types import Volume
 
 CT_SOP = ("1.2.840.10008.5.1.4.1.1.2",)
 

@@ -3,7 +3,6 @@ fixtures, a hanging nvidia-smi, and the compatible() truth table."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -16,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.registry import probe as probe_mod
-from agent.registry.probe import (
+from agent.cli import main as cli_main
+from agent.cli import render_probe
+from agent.core.status import DeviceSummary, GpuSummary
+from agent.device import probe as probe_mod
+from agent.device.probe import (
     SCHEMA,
     BackendProbe,
     CpuInfo,
@@ -104,15 +106,15 @@ def test_probe_this_machine_matches_proc_cpuinfo(tmp_path: Path) -> None:
     assert doc["schema"] == SCHEMA and doc["cpu"]["int8_path"] == p.cpu.int8_path
     assert p.to_json() == p.to_json()  # deterministic
     s = p.summary()
-    assert set(s) == {"arch", "features", "int8_path", "isa_family", "bf16", "gpus", "jetson", "backends"}
-    assert s["isa_family"] == p.cpu.isa_family
-    assert "onnxruntime" in s["backends"] and s["features"] == list(p.cpu.features)
+    assert isinstance(s, DeviceSummary) and s.isa_family == p.cpu.isa_family
+    assert list(s.to_json()) == ["arch", "features", "int8_path", "isa_family", "bf16", "gpus", "jetson", "backends"]
+    assert "onnxruntime" in s.backends and s.to_json()["features"] == list(p.cpu.features)
 
 
 def test_backend_details_listed_from_a_child_process(tmp_path: Path) -> None:
     """Providers/devices come from a child interpreter: the caller never imports onnxruntime."""
     code = (
-        "import sys, json; from pathlib import Path; from agent.registry.probe import probe; "
+        "import sys, json; from pathlib import Path; from agent.device.probe import probe; "
         f"p = probe(Path({str(tmp_path)!r}), backend_details=True); "
         "ort = p.backend('onnxruntime'); "
         "print(json.dumps({'devices': list(ort.devices), 'loaded': 'onnxruntime' in sys.modules}))"
@@ -202,7 +204,32 @@ def test_nvidia_smi_fixtures(tmp_path: Path, csv: str, name: str, cc: str, memor
     assert gpu.jetson is False
     assert p.nvidia.cuda_version == "12.4"
     assert p.nvidia.driver_version
-    assert p.summary()["gpus"] == [{"name": name, "cc": cc, "int8": int8, "fp8": fp8}]
+    assert p.summary().gpus == (GpuSummary(name, cc, int8, fp8),)
+    assert p.summary().to_json()["gpus"] == [{"name": name, "cc": cc, "int8": int8, "fp8": fp8}]
+
+
+def test_summary_json_is_the_documented_status_form(tmp_path: Path) -> None:
+    """Probe.summary().to_json() is the status message's ``device`` (docs/probe.md): every key, in order."""
+    p = probe(tmp_path, sources=fixture_sources(tmp_path, cpuinfo=FIX / "probe" / "cpuinfo-orin.txt",
+                                                machine="aarch64", jetson=True))
+    backends = [b.name for b in p.backends if b.installed and not b.error]
+    assert p.summary().to_json() == {
+        "arch": "aarch64", "features": ["asimd", "asimddp"], "int8_path": "arm_dotprod",
+        "isa_family": p.cpu.isa_family, "bf16": False,
+        "gpus": [{"name": "NVIDIA Jetson AGX Orin Developer Kit", "cc": "8.7", "int8": True, "fp8": False}],
+        "jetson": "NVIDIA Jetson AGX Orin Developer Kit", "backends": backends,
+    }
+    bare = probe(tmp_path, sources=fixture_sources(tmp_path)).summary().to_json()
+    assert bare["gpus"] == [] and bare["jetson"] is None
+
+
+def test_status_payload_embeds_the_device_summary_unchanged(tmp_path: Path) -> None:
+    """The birth message's ``device`` is the summary's JSON form, validated and embedded as is."""
+    from agent.mqtt.payloads import parse_status, status_payload
+
+    s = probe(tmp_path, sources=fixture_sources(tmp_path, smi=fake_smi(tmp_path, "smi-l4.csv"))).summary()
+    doc = parse_status(status_payload(device_id="d", version="0", started_at=0.0, device=s))
+    assert doc["device"] == s.to_json()
 
 
 def test_nvml_preferred_when_pynvml_is_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -339,7 +366,7 @@ def test_tensorrt_version_read_without_importing(tmp_path: Path, monkeypatch: py
 
 def make_probe(*, arch: str = "x86_64", flags: tuple[str, ...] = (), ccs: tuple[str | None, ...] = (),
                trt: str | None = None, backends: dict[str, str | None] | None = None) -> Probe:
-    gpus = tuple(probe_mod._gpu(i, f"gpu{i}", cc, 1000) for i, cc in enumerate(ccs))
+    gpus = tuple(probe_mod.gpu_info(i, f"gpu{i}", cc, 1000) for i, cc in enumerate(ccs))
     bk = backends if backends is not None else {"onnxruntime": "1.20.0"}
     return Probe(
         cpu=CpuInfo(arch=arch, model="test", logical_cores=2, physical_cores=2, usable_cores=2,
@@ -393,7 +420,7 @@ def test_compatible_truth_table(requires: dict, p: Probe, ok: bool, reason: str)
 
 
 def test_compatible_with_backend_and_manifest_requires_model() -> None:
-    from agent.manifest import Requires
+    from agent.core.manifest import Requires
 
     req = Requires(arch=("x86_64",), cpu_features=("avx512_vnni",), backend_min_version="2024.0")
     assert compatible(req, X86_VNNI, backend="onnxruntime") == (False, "needs onnxruntime >= 2024.0, found 1.20.0")
@@ -409,22 +436,18 @@ def test_compatible_with_backend_and_manifest_requires_model() -> None:
 
 def test_cli_probe_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
-    parser = argparse.ArgumentParser()
-    probe_mod.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["probe", "--json", "--quick"])
-    assert args.func(args) == 0
+    assert cli_main(["probe", "--json", "--quick"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["schema"] == SCHEMA
     assert set(doc) >= {"cpu", "nvidia", "memory", "disk", "os", "backends", "probed_at"}
-    args = parser.parse_args(["probe", "--quick"])
-    assert args.func(args) == 0
+    assert cli_main(["probe", "--quick"]) == 0
     table = capsys.readouterr().out
     assert "int8 path" in table and "backend onnxruntime" in table
 
 
 def test_render_table_with_gpus(tmp_path: Path) -> None:
     p = probe(tmp_path, sources=fixture_sources(tmp_path, smi=fake_smi(tmp_path, "smi-l4.csv")))
-    text = probe_mod.render_table(p)
+    text = render_probe(p)
     assert "NVIDIA L4, CC 8.9, 23034 MB, int8 yes, fp8 yes" in text
     assert "CUDA 12.4 (via nvidia-smi)" in text
 

@@ -1,4 +1,4 @@
-"""Keys, signing, the registry tree and its verification (deploy.sign, deploy.publish, agent.manifest).
+"""Keys, signing, the registry tree and its verification (deploy.sign, deploy.publish, agent.core.manifest).
 
 Publishes a real gated build of the tiny classifier (tests/test_gate.py), then attacks it: a
 flipped byte in the manifest, a wrong key, a truncated signature, a swapped model file, a
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.accuracy import load_validation_set
-from agent.errors import RegistryError
-from agent.manifest import (
+from agent.core.accuracy import load_validation_set
+from agent.core.errors import RegistryError
+from agent.core.manifest import (
     key_id,
     parse_manifest,
     sha256_file,
@@ -54,7 +54,8 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = root / "build"
     cfg = QuantConfig(calibration_samples=24, validation_samples=24, threads=1)
     calibrate(model_dir, out, cfg)
-    doc = quantize(out, ["fp32", "ort-int8-u8s8", "ort-int8-s8s8"])
+    quantize(out, ["fp32", "ort-int8-u8s8", "ort-int8-s8s8"])
+    doc = json.loads((out / "variants.json").read_text())
     rec = next(r for r in doc["variants"] if r["id"] == "ort-int8-s8s8")
     _corrupt_first_conv(out / rec["file"])
     rec["sha256"] = sha256_file(out / rec["file"])

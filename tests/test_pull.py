@@ -1,5 +1,5 @@
 """Pull client against a REAL HTTP server on loopback serving a registry built here (Ed25519 keys
-from cryptography, manifests in agent.manifest's schema): install + current switch, resume with
+from cryptography, manifests in agent.core.manifest's schema): install + current switch, resume with
 HTTP Range after an interrupted transfer, tampered files, bad signatures, server down, disk full,
 rollback. Every failure must leave ``current`` as it was."""
 
@@ -21,12 +21,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.errors import RegistryError
-from agent.manifest import Manifest, canonical_json
-from agent.registry import client as client_mod
-from agent.registry.client import RegistryClient
-from agent.registry.config import RegistryConfig
-from agent.registry.probe import (
+from agent.core.config import RegistryConfig
+from agent.core.errors import RegistryError
+from agent.core.manifest import Manifest, canonical_json
+from agent.device.probe import (
     BackendProbe,
     CpuInfo,
     DiskInfo,
@@ -36,7 +34,9 @@ from agent.registry.probe import (
     Probe,
     _gpu,
 )
-from agent.registry.store import ModelStore
+from agent.updates import client as client_mod
+from agent.updates.client import RegistryClient
+from agent.updates.store import ModelStore
 
 MODEL = "ct-test"
 

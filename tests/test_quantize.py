@@ -16,13 +16,15 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.accuracy import classification_metrics
-from agent.errors import ModelSpecError
-from agent.modelspec import GateSpec
+from agent.core.accuracy import classification_metrics, compare_classification
+from agent.core.errors import ModelSpecError
+from agent.core.modelspec import GateSpec
+from agent.core.util import atomic_path, atomic_write
 from deploy import quantize as Q
 from deploy.calibrate import ArrayCalibrationReader, QuantConfig, collect_ranges, load_quant_config
-from deploy.gate import QdqSimulationBackend, compare_classification, ort_execution_precision
-from deploy.variants import atomic_path, atomic_write, host
+from deploy.gate_runtime import QdqSimulationBackend, ort_execution_precision
+from deploy.quantize_graph import default_opset
+from deploy.variants import host
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,7 +196,7 @@ def test_ort_int8_is_close_to_fp32_and_logits_stay_float(built: dict, form: str)
     # and ONNX Runtime on x86 really runs integer kernels for the u8 forms
     if me.arch == "x86_64" and activations == "u8":
         prec = ort_execution_precision(out)
-        assert prec["kernels"].get("int8", 0) >= 3, prec
+        assert (prec.kernels or {}).get("int8", 0) >= 3, prec
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
@@ -221,7 +223,7 @@ def test_tensorrt_explicit_qdq_layout_and_accuracy(built: dict, kind: str) -> No
         act = next(n for n in model.graph.node if node.input[0] in n.output)
         assert act.op_type == "DequantizeLinear"  # activation input goes through Q -> DQ
     if kind == "fp8":
-        assert Q._default_opset(model) >= 19
+        assert default_opset(model) >= 19
     x = images(64, 11)
     # run as the gate does: ONNX Runtime simulating the Q/DQ arithmetic, with the graph rewrites
     # that are wrong for FP8 (ReluQuantRewrite) disabled
@@ -372,7 +374,7 @@ def test_real_model_explicit_qdq_smoke(model: str, tmp_path: Path) -> None:
 
 
 def test_default_method_depends_on_the_task() -> None:
-    from agent.modelspec import load_spec
+    from agent.core.modelspec import load_spec
     from deploy.calibrate import resolve_method
 
     seg = load_spec(REPO / "models" / "ct-abdomen-seg")

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from test_pipeline import write_ct_series, write_model_dir
 
+from agent.core.types import ClassificationOutput, Instance, SegmentationOutput, Series
 from agent.inference.runner import FAULT_ENV, InferenceJob, InferenceRunner, JobOutcome
-from agent.types import ClassificationOutput, Instance, SegmentationOutput, Series
 
 REPO = Path(__file__).resolve().parents[1]
 GRACE_S = 1.0
@@ -96,9 +96,9 @@ def test_parent_process_does_not_import_inference_engines() -> None:
         """
         import sys
         import agent.inference
-        from agent.inference import registry
+        from agent.inference import catalog
         from agent.inference.runner import InferenceRunner
-        registry.available_backends()  # imports the backend modules, not their packages
+        catalog.available_backends()  # imports the backend modules, not their packages
         InferenceRunner("models", threads=1, job_timeout_s=1)
         heavy = {"onnxruntime", "openvino", "tensorrt", "scipy", "agent.imaging", "agent.inference.pipeline"}
         print(sorted(heavy & set(sys.modules)))
@@ -256,7 +256,7 @@ ORPHAN_SCRIPT = """
 import os, sys, threading, time
 from pathlib import Path
 from agent.inference.runner import InferenceJob, InferenceRunner
-from agent.types import Instance, Series
+from agent.core.types import Instance, Series
 
 model_dir, *paths = sys.argv[1:]
 inst = tuple(Instance(f"2.25.{i}", "1.2.840.10008.5.1.4.1.1.2", "2.25.1", "2.25.2", Path(p),

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.errors import BackendError, BackendUnavailableError
-from agent.inference import base, registry
+from agent.core.errors import BackendError, BackendUnavailableError
+from agent.inference import base, catalog
 
 MODULE = "agent.inference.backends.tensorrt"
 ENGINE_MAGIC = b"FAKE-ENGINE"
@@ -273,7 +273,7 @@ def make_fake_trt(state: FakeState, cuda: FakeCuda, version: str = "10.3.0", *, 
 @pytest.fixture
 def trt_mod(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Import the backend module although tensorrt is not installed here, and restore the registry."""
-    was_known = "tensorrt" in registry.known_backends()
+    was_known = "tensorrt" in catalog.known_backends()
     monkeypatch.setattr(base, "require_package", lambda name: None)
     sys.modules.pop(MODULE, None)
     mod = importlib.import_module(MODULE)
@@ -282,9 +282,9 @@ def trt_mod(monkeypatch: pytest.MonkeyPatch) -> Any:
     # for real, and finds tensorrt missing, the next time someone asks
     sys.modules.pop(MODULE, None)
     if was_known:
-        registry.register_module("tensorrt", MODULE, extra="gpu")
+        catalog.register_module("tensorrt", MODULE, extra="gpu")
     else:
-        registry.unregister("tensorrt")
+        catalog.unregister("tensorrt")
 
 
 class Env:
@@ -516,16 +516,16 @@ def test_registered_lazily_and_unavailable_without_tensorrt() -> None:
     """Through the registry (as the lead wires it): known by name, unavailable here with the fix."""
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here")
-    was_known = "tensorrt" in registry.known_backends()
-    registry.register_module("tensorrt", MODULE, extra="gpu")
+    was_known = "tensorrt" in catalog.known_backends()
+    catalog.register_module("tensorrt", MODULE, extra="gpu")
     try:
-        assert "tensorrt" in registry.available_backends()["tensorrt"]  # "No module named 'tensorrt'"
+        assert "tensorrt" in catalog.available_backends()["tensorrt"]  # "No module named 'tensorrt'"
         with pytest.raises(BackendUnavailableError, match=r"pip install edge-agent\[gpu\]"):
-            registry.create("tensorrt")
-        assert registry.select(["tensorrt"]) == "onnxruntime"  # falls back
+            catalog.create("tensorrt")
+        assert catalog.select(["tensorrt"]) == "onnxruntime"  # falls back
     finally:
         if not was_known:
-            registry.unregister("tensorrt")
+            catalog.unregister("tensorrt")
 
 
 # --------------------------------------------------------------------------- real GPU (skipped)

@@ -24,14 +24,16 @@ import numpy as np
 import pytest
 from test_pull import RegistryServer, serve
 
-from agent.config import Config, RegistryConfig
-from agent.errors import ActivationError, RegistryError
-from agent.manifest import canonical_json, parse_manifest, sha256_bytes, sha256_file
-from agent.registry import client as client_mod
-from agent.registry.client import RegistryClient
-from agent.registry.store import ModelStore, version_key
-from agent.registry.updater import ModelUpdater, UpdateOutcome, updater_from_config
-from agent.types import Event
+from agent.core.config import Config, RegistryConfig
+from agent.core.errors import ActivationError, RegistryError
+from agent.core.events import UpdateOutcome
+from agent.core.manifest import canonical_json, parse_manifest
+from agent.core.types import Event
+from agent.core.util import sha256_bytes, sha256_file
+from agent.updates import client as client_mod
+from agent.updates.client import RegistryClient
+from agent.updates.store import ModelStore, version_key
+from agent.updates.updater import ModelUpdater, updater_from_config
 
 MODEL = "mr-brain-cls"
 REPO = Path(__file__).resolve().parents[1]
@@ -525,7 +527,7 @@ def wait_until(cond: Callable[[], bool], timeout: float) -> bool:
 
 
 def test_cli_pull(server: RegistryServer, built: Built, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``edge-agent pull`` with the real EngineManager: exit 0 and what is active; exit 1 and why not."""
+    """``edge-agent pull`` with the real VariantManager: exit 0 and what is active; exit 1 and why not."""
     from agent.cli import main
 
     state = tmp_path / "cli-state"

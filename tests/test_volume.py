@@ -14,10 +14,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
-from agent.errors import MalformedDicomError, UnsupportedDicomError, VolumeError
+from agent.core.errors import MalformedDicomError, UnsupportedDicomError, VolumeError
+from agent.core.modelspec import InputSpec
+from agent.core.types import Volume
 from agent.imaging import build_volume, load_series, prepare, read_datasets
-from agent.modelspec import InputSpec
-from agent.types import Volume
 
 CT_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 ENHANCED_CT_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.1")

@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from agent.db import transaction
-from agent.log import log_event
-from agent.modelspec import ModelSpec
-from agent.types import Instance
+from agent.core.db import transaction
+from agent.core.log import log_event
+from agent.core.modelspec import ModelSpec
+from agent.core.types import Instance, SpooledSeries
 
 log = logging.getLogger(__name__)
 
@@ -109,18 +109,19 @@ class SeriesAssembler:
             )
         if reopened:
             log_event(log, "series.reopened", series_uid=inst.series_uid, revision=row["revision"] + 1)
-        return reopened
+        return bool(reopened)
 
-    def reconcile(self, counts: Iterable[tuple[str, str, str, str, str, int, float]]) -> int:
+    def reconcile(self, spooled: Iterable[SpooledSeries]) -> int:
         """Bring the table in line with the spool after a crash.
 
-        ``counts`` yields (series_uid, study_uid, modality, description, body_part, n_instances,
-        last_received_at) as the spool sees it. A series the spool has but the table lacks (a
+        ``spooled``: every series as the spool sees it (``Spool.series_summary()``). A series the
+        spool has but the table lacks (a
         crash between the spool's commit and ours), or with more instances than recorded, is
         (re-)opened so it gets inferred. Returns the number of series fixed.
         """
         fixed = 0
-        for series_uid, study_uid, modality, desc, body, n, last in counts:
+        for sp in spooled:
+            series_uid, n, last = sp.series_uid, sp.instances, sp.last_received_at
             with transaction(self.conn) as c:
                 row = c.execute(
                     "SELECT n_instances, state FROM series WHERE series_uid = ?", (series_uid,)
@@ -130,7 +131,7 @@ class SeriesAssembler:
                         "INSERT INTO series (series_uid, study_uid, modality, description, body_part,"
                         " n_instances, first_instance_at, last_instance_at, state, revision)"
                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
-                        (series_uid, study_uid, modality, desc, body, n, last, last,
+                        (series_uid, sp.study_uid, sp.modality, sp.description, sp.body_part, n, last, last,
                          SeriesState.OPEN.value),
                     )
                     fixed += 1
@@ -201,13 +202,24 @@ class SeriesAssembler:
         return None if row is None else SeriesState(row["state"])
 
     def series_row(self, series_uid: str) -> sqlite3.Row | None:
-        return self.conn.execute("SELECT * FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+        row: sqlite3.Row | None = self.conn.execute(
+            "SELECT * FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+        return row
 
     def expired_unrouted(self, older_than_s: float) -> list[str]:
         """Unrouted series completed more than ``older_than_s`` ago (for the spool janitor)."""
         rows = self.conn.execute(
             "SELECT series_uid FROM series WHERE state = ? AND completed_at <= ?",
             (SeriesState.UNROUTED.value, self.clock() - older_than_s),
+        ).fetchall()
+        return [r["series_uid"] for r in rows]
+
+    def completed_before(self, cutoff: float) -> list[str]:
+        """Series completed (routed and handed to jobs) at or before ``cutoff`` (clock seconds):
+        candidates for the retention janitor once their jobs are done."""
+        rows = self.conn.execute(
+            "SELECT series_uid FROM series WHERE state = ? AND completed_at <= ?",
+            (SeriesState.COMPLETE.value, cutoff),
         ).fetchall()
         return [r["series_uid"] for r in rows]
 

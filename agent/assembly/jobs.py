@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.db import transaction
+from agent.core.db import transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -134,6 +134,11 @@ class JobStore:
             (PUBLISHED, self.clock(), result_key, INFERRED),
         )
 
+    def inferred_keys(self) -> list[str]:
+        """Result keys of jobs whose result is in the outbox but not yet confirmed sent."""
+        rows = self.conn.execute("SELECT result_key FROM jobs WHERE state = ?", (INFERRED,)).fetchall()
+        return [r["result_key"] for r in rows]
+
     def counts(self) -> dict[str, int]:
         rows = self.conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
         return {r["state"]: r["n"] for r in rows}
@@ -144,4 +149,4 @@ class JobStore:
             "SELECT COUNT(*) AS n FROM jobs WHERE series_uid = ? AND state IN (?, ?, ?)",
             (series_uid, PENDING, RUNNING, INFERRED),
         ).fetchone()
-        return row["n"] == 0
+        return int(row["n"]) == 0

@@ -4,7 +4,7 @@ Used by the daemon's inference stage and by the deploy toolkit (training validat
 calibration, evaluation), so both prepare inputs and measure outputs identically. Never imports
 torch, monai or onnx.
 
-* :mod:`.volume`: DICOM instances -> :class:`~agent.types.Volume` (sorted, checked, rescaled)
+* :mod:`.volume`: DICOM instances -> :class:`~agent.core.types.Volume` (sorted, checked, rescaled)
 * :mod:`.preprocess`: Volume -> model input (reorient, resample, normalise) and back
 * :mod:`.sliding_window`: patch-wise 3D inference with Gaussian blending
 * :mod:`.postprocess`: label statistics, class probabilities, Dice

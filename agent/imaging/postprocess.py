@@ -9,37 +9,39 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
 
-from agent.errors import BackendError, EdgeAgentError, ModelSpecError
-from agent.types import ClassificationOutput, LabelStats, SegmentationOutput
+from agent.core.errors import BackendError, EdgeAgentError, ModelSpecError
+from agent.core.types import ClassificationOutput, LabelStats, SegmentationOutput
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
+def largest_component(mask: npt.ArrayLike) -> npt.NDArray[np.bool_]:
     """Keep the largest connected component of a boolean mask.
 
     Takes a bool array of any dimension; connectivity is full (26 in 3D, 8 in 2D), because a
     thin organ boundary touching diagonally is still one organ. Returns a bool array of the same
     shape (all False for an empty mask). Ties go to the component found first in raster order.
     """
-    mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return np.zeros(mask.shape, dtype=bool)
-    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
-    components, count = ndimage.label(mask, structure=structure)
+    binary = np.asarray(mask, dtype=bool)
+    if not binary.any():
+        return np.zeros(binary.shape, dtype=bool)
+    structure = ndimage.generate_binary_structure(binary.ndim, binary.ndim)
+    components: npt.NDArray[np.int32]  # scipy is untyped
+    components, count = ndimage.label(binary, structure=structure)
     if count == 1:
-        return mask.copy()
+        return binary.copy()
     sizes = np.bincount(components.ravel(), minlength=count + 1)
     sizes[0] = 0  # background
-    return components == int(np.argmax(sizes))
+    return np.equal(components, int(np.argmax(sizes)))
 
 
 def segmentation_outputs(
-    label_map_source: np.ndarray,
+    label_map_source: npt.ArrayLike,
     labels: Sequence[str],
     spacing: tuple[float, ...],
     keep_largest: bool = True,
-) -> tuple[SegmentationOutput, np.ndarray]:
+) -> tuple[SegmentationOutput, npt.NDArray[np.uint8]]:
     """Per-label statistics of a label map on the source grid.
 
     Takes a (z, y, x) integer label map (value i = ``labels[i]``; 0 is background and skipped),
@@ -67,7 +69,9 @@ def segmentation_outputs(
     return segmentation_output_from_counts(labels, per_label, spacing), filtered
 
 
-def label_counts_and_boxes(label_map: np.ndarray, n_labels: int) -> list[tuple[int, tuple[int, ...]]]:
+def label_counts_and_boxes(
+    label_map: npt.NDArray[np.uint8], n_labels: int
+) -> list[tuple[int, tuple[int, ...]]]:
     """Per label value ``1..n_labels-1`` of a uint8 label map: its voxel count and end-exclusive
     bbox ``(z0, y0, x0, z1, y1, x1)`` (``()`` when absent), from one bincount and one
     ``find_objects`` pass."""
@@ -95,7 +99,7 @@ def segmentation_output_from_counts(
     })
 
 
-def keep_largest_components(label_map: np.ndarray, n_labels: int) -> np.ndarray:
+def keep_largest_components(label_map: npt.ArrayLike, n_labels: int) -> npt.NDArray[np.uint8]:
     """A uint8 copy of ``label_map`` where each foreground label keeps only its largest connected
     component (the rest becomes background).
 
@@ -113,7 +117,7 @@ def keep_largest_components(label_map: np.ndarray, n_labels: int) -> np.ndarray:
     return filtered
 
 
-def classification_outputs(logits: np.ndarray, labels: Sequence[str]) -> ClassificationOutput:
+def classification_outputs(logits: npt.ArrayLike, labels: Sequence[str]) -> ClassificationOutput:
     """Softmax of one sample's logits.
 
     Takes logits (K,) (a (1, K) batch of one is accepted) and the K class names; returns the
@@ -138,20 +142,20 @@ def classification_outputs(logits: np.ndarray, labels: Sequence[str]) -> Classif
     )
 
 
-def dice(a: np.ndarray, b: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
+def dice(a: npt.ArrayLike, b: npt.ArrayLike, labels: Sequence[int]) -> dict[int, float]:
     """Dice coefficient per label value between two label maps of the same shape.
 
     Returns ``{label: 2|A&B| / (|A| + |B|)}``; 1.0 when the label is absent from both (nothing
     to find, nothing found).
     """
-    a = np.asarray(a)
-    b = np.asarray(b)
-    if a.shape != b.shape:
-        raise EdgeAgentError(f"dice: shapes differ ({a.shape} vs {b.shape})")
+    map_a = np.asarray(a)
+    map_b = np.asarray(b)
+    if map_a.shape != map_b.shape:
+        raise EdgeAgentError(f"dice: shapes differ ({map_a.shape} vs {map_b.shape})")
     scores: dict[int, float] = {}
     for value in labels:
-        in_a = a == value
-        in_b = b == value
+        in_a = map_a == value
+        in_b = map_b == value
         total = int(np.count_nonzero(in_a)) + int(np.count_nonzero(in_b))
         if total == 0:
             scores[int(value)] = 1.0

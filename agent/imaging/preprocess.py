@@ -31,19 +31,24 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
 
-from agent.errors import PreprocessError
+from agent.core.errors import PreprocessError
+from agent.core.modelspec import InputSpec
+from agent.core.types import Volume
 from agent.imaging.postprocess import label_counts_and_boxes
-from agent.modelspec import InputSpec
-from agent.types import Volume
 
 #: zscore: foreground = voxels strictly above this percentile
 ZSCORE_FOREGROUND_PERCENTILE = 5.0
 #: zscore: a standard deviation below this is treated as 1 (constant image)
 ZSCORE_MIN_STD = 1e-6
+
+_T = TypeVar("_T")
+_S = TypeVar("_S", bound=np.generic)
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,7 @@ class Geometry:
 class PreparedInput:
     """Model input: ``array`` (C, *spatial) float32 in model space, and its geometry."""
 
-    array: np.ndarray
+    array: npt.NDArray[np.float32]
     geometry: Geometry
 
 
@@ -130,12 +135,12 @@ def prepare(volume: Volume, spec: InputSpec) -> PreparedInput:
 
     geometry = Geometry(
         dims=dims,
-        source_shape=tuple(int(n) for n in array.shape),  # type: ignore[arg-type]
-        source_spacing=spacing,  # type: ignore[arg-type]
+        source_shape=_three([int(n) for n in array.shape]),
+        source_spacing=_three(spacing),
         permutation=permutation,
         flips=flips,
-        canonical_shape=canonical_shape,  # type: ignore[arg-type]
-        canonical_spacing=canonical_spacing,  # type: ignore[arg-type]
+        canonical_shape=_three(canonical_shape),
+        canonical_spacing=_three(canonical_spacing),
         resampled_shape=tuple(out_shape),
         zoom=zoom,
         resampled_spacing=resampled_spacing,
@@ -144,7 +149,7 @@ def prepare(volume: Volume, spec: InputSpec) -> PreparedInput:
     return PreparedInput(array=channels, geometry=geometry)
 
 
-def restore_label_map(label_map_model_space: np.ndarray, geometry: Geometry) -> np.ndarray:
+def restore_label_map(label_map_model_space: npt.ArrayLike, geometry: Geometry) -> npt.NDArray[np.uint8]:
     """Map a model-space label map back onto the source volume's grid.
 
     Takes integer labels in model space: (Z, Y, X) for 3D models, (H, W) or (1, H, W) for 2D
@@ -175,7 +180,7 @@ def restore_label_map(label_map_model_space: np.ndarray, geometry: Geometry) -> 
 
 
 def source_grid_label_stats(
-    label_map_model_space: np.ndarray, geometry: Geometry, n_labels: int
+    label_map_model_space: npt.ArrayLike, geometry: Geometry, n_labels: int
 ) -> list[tuple[int, tuple[int, ...]]]:
     """Per label value ``1..n_labels-1``: its voxel count and end-exclusive bbox (source numpy
     order, ``(z0, y0, x0, z1, y1, x1)``; ``()`` when absent) in the map that
@@ -223,7 +228,9 @@ def source_grid_label_stats(
     return out
 
 
-def _nearest_model_indices(grid_shape: Sequence[int], model_shape: Sequence[int]) -> list[np.ndarray]:
+def _nearest_model_indices(
+    grid_shape: Sequence[int], model_shape: Sequence[int]
+) -> list[npt.NDArray[np.int64]]:
     """Per axis, the model-space index nearest to each source-grid index.
 
     With the voxel-edge alignment :func:`prepare` uses, source voxel c maps to
@@ -236,10 +243,15 @@ def _nearest_model_indices(grid_shape: Sequence[int], model_shape: Sequence[int]
     ]
 
 
+def _three(values: Sequence[_T]) -> tuple[_T, _T, _T]:
+    """The first three values as a 3-tuple (for a sequence already known to hold three)."""
+    return values[0], values[1], values[2]
+
+
 # --- orientation ------------------------------------------------------------------------------
 
 
-def _best_assignment(direction: np.ndarray, array_axes: Sequence[int]) -> tuple[int, ...]:
+def _best_assignment(direction: npt.NDArray[np.float64], array_axes: Sequence[int]) -> tuple[int, ...]:
     """Distinct patient axes (LPS 0, 1, 2) for the given ITK array axes (x=0, y=1, z=2),
     maximising the summed |cosine|; ties go to the first permutation (deterministic)."""
     best: tuple[int, ...] = ()
@@ -251,17 +263,21 @@ def _best_assignment(direction: np.ndarray, array_axes: Sequence[int]) -> tuple[
     return best
 
 
-def _canonical_axes_3d(direction: np.ndarray) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+def _canonical_axes_3d(
+    direction: npt.NDArray[np.float64],
+) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
     """Permutation/flips (numpy order) that bring the array closest to LPS identity."""
     patient_of = _best_assignment(direction, (0, 1, 2))  # patient axis of ITK axis a
     itk_of = {p: a for a, p in enumerate(patient_of)}  # ITK axis along patient axis p
     # Canonical numpy axis k holds patient axis 2 - k (z=S, y=P, x=L); ITK axis a is numpy 2 - a.
-    permutation = tuple(2 - itk_of[2 - k] for k in range(3))
-    flips = tuple(bool(direction[2 - k, itk_of[2 - k]] < 0) for k in range(3))
-    return permutation, flips  # type: ignore[return-value]
+    permutation = _three([2 - itk_of[2 - k] for k in range(3)])
+    flips = _three([bool(direction[2 - k, itk_of[2 - k]] < 0) for k in range(3)])
+    return permutation, flips
 
 
-def _canonical_axes_2d(direction: np.ndarray) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+def _canonical_axes_2d(
+    direction: npt.NDArray[np.float64],
+) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
     """Permutation/flips (numpy order) of the in-plane axes to radiology display orientation.
 
     The slice axis stays first and unflipped. Of the two in-plane axes, the one along the
@@ -284,14 +300,18 @@ def _canonical_axes_2d(direction: np.ndarray) -> tuple[tuple[int, int, int], tup
     return permutation, flips
 
 
-def _reorient(array: np.ndarray, permutation: Sequence[int], flips: Sequence[bool]) -> np.ndarray:
+def _reorient(
+    array: npt.NDArray[_S], permutation: Sequence[int], flips: Sequence[bool]
+) -> npt.NDArray[_S]:
     """``transpose`` then ``flip`` (a view; resampling copies)."""
     out = np.transpose(array, permutation)
     axes = tuple(k for k, f in enumerate(flips) if f)
     return np.flip(out, axes) if axes else out
 
 
-def _undo_reorient(array: np.ndarray, permutation: Sequence[int], flips: Sequence[bool]) -> np.ndarray:
+def _undo_reorient(
+    array: npt.NDArray[_S], permutation: Sequence[int], flips: Sequence[bool]
+) -> npt.NDArray[_S]:
     """Inverse of :func:`_reorient`."""
     axes = tuple(k for k, f in enumerate(flips) if f)
     out = np.flip(array, axes) if axes else array
@@ -322,12 +342,12 @@ def _target_shape(
     return tuple(int(v) for v in size)
 
 
-def _resample(array: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
+def _resample(array: npt.NDArray[Any], out_shape: Sequence[int]) -> npt.NDArray[np.float32]:
     """Linear resampling (voxel edges aligned) to ``out_shape``; always a new float32 array."""
     if tuple(array.shape) == tuple(out_shape):
         return np.array(array, dtype=np.float32, copy=True, order="C")
     factors = [o / n for o, n in zip(out_shape, array.shape, strict=True)]
-    out = ndimage.zoom(
+    out: npt.NDArray[np.float32] = ndimage.zoom(  # scipy is untyped
         np.asarray(array, dtype=np.float32),
         factors,
         output=np.float32,
@@ -341,7 +361,7 @@ def _resample(array: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
     return out
 
 
-def _normalise(series_uid: str, array: np.ndarray, spec: InputSpec) -> None:
+def _normalise(series_uid: str, array: npt.NDArray[np.float32], spec: InputSpec) -> None:
     """Normalise ``array`` in place as ``spec.normalisation`` says (see module docstring)."""
     if spec.normalisation == "window":
         if spec.window is None:

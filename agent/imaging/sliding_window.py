@@ -22,8 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
-from agent.errors import BackendError, PreprocessError
+from agent.core.errors import BackendError, PreprocessError
 
 #: z-slices blended per step: a slab of a 96 x 96 patch channel (8 x 96 x 96 float32, 288 KiB)
 #: stays in a core's L2 cache between the weighting and the accumulation
@@ -32,7 +33,8 @@ _SLAB = 8
 #: smallest importance weight (relative to the peak of 1)
 IMPORTANCE_FLOOR = 1e-4
 
-Predict = Callable[[np.ndarray], np.ndarray]
+#: a batch (N, C, pz, py, px) float32 -> its logits (N, K, pz, py, px)
+Predict = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
 
 
 def patch_starts(size: int, patch: int, overlap: float) -> list[int]:
@@ -52,7 +54,7 @@ def patch_starts(size: int, patch: int, overlap: float) -> list[int]:
     return [*range(0, size - patch, step), size - patch]
 
 
-def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
+def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 0.125) -> npt.NDArray[np.float32]:
     """Separable Gaussian weights of shape ``patch_size`` (float32, max 1, >= IMPORTANCE_FLOOR).
 
     Centred on the patch centre ``(p - 1) / 2`` with sigma ``sigma_scale * p`` per axis.
@@ -69,13 +71,13 @@ def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 0.12
 
 
 def sliding_window_inference(
-    image: np.ndarray,
+    image: npt.ArrayLike,
     patch_size: tuple[int, int, int],
     overlap: float,
     predict: Predict,
     batch_size: int = 1,
     sigma_scale: float = 0.125,
-) -> np.ndarray:
+) -> npt.NDArray[np.float32]:
     """Run ``predict`` on overlapping patches of ``image`` and blend the outputs.
 
     Takes ``image`` (C, Z, Y, X), the patch size (z, y, x), the overlap fraction and ``predict``,
@@ -113,7 +115,7 @@ def sliding_window_inference(
     for z, y, x in starts:
         weight_sum[z : z + patch[0], y : y + patch[1], x : x + patch[2]] += weights_patch
 
-    out: np.ndarray | None = None
+    out: npt.NDArray[np.float32] | None = None
     # one slab of one channel's weighted logits, reused for every patch
     weighted = np.empty((min(_SLAB, patch[0]), *patch[1:]), dtype=np.float32)
     for first in range(0, len(starts), batch_size):
@@ -154,6 +156,8 @@ def sliding_window_inference(
     inverse = np.reciprocal(weight_sum, out=weight_sum)
     crop = tuple(slice(b, n - a) for (b, a), n in zip(pad, full, strict=True))
     if not needs_padding:
-        return np.multiply(out, inverse, out=out)
+        np.multiply(out, inverse, out=out)
+        return out
     result = np.empty((out.shape[0], *spatial), dtype=np.float32)
-    return np.multiply(out[(slice(None), *crop)], inverse[crop], out=result)
+    np.multiply(out[(slice(None), *crop)], inverse[crop], out=result)
+    return result

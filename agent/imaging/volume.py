@@ -1,4 +1,4 @@
-"""DICOM instances of one series -> a :class:`~agent.types.Volume` in patient space.
+"""DICOM instances of one series -> a :class:`~agent.core.types.Volume` in patient space.
 
 The one place where slices are read, decoded, sorted, checked and rescaled, used by the daemon
 and by the deploy toolkit alike (no train/serve skew). numpy/pydicom only.
@@ -37,13 +37,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.pixels import get_decoder
+from pydicom.pixels import get_decoder  # type: ignore[attr-defined]  # public API, not re-exported as such
 
-from agent.errors import MalformedDicomError, UnsupportedDicomError, VolumeError
-from agent.types import Volume
+from agent.core.errors import MalformedDicomError, UnsupportedDicomError, VolumeError
+from agent.core.types import Volume
 
 #: largest absolute difference between direction cosines of frames of one series
 IOP_TOLERANCE = 1e-3
@@ -100,8 +101,8 @@ class _Frame:
     ds_index: int
     frame: int  # frame index inside its instance (0 for single-frame)
     sop_uid: str
-    position: np.ndarray | None  # (3,) IPP, mm
-    orientation: np.ndarray | None  # (6,) IOP
+    position: npt.NDArray[np.float64] | None  # (3,) IPP, mm
+    orientation: npt.NDArray[np.float64] | None  # (6,) IOP
     pixel_spacing: tuple[float, float] | None  # (row spacing = y, column spacing = x), mm
     thickness: float | None
     slope: float
@@ -142,7 +143,7 @@ def build_volume(datasets: Sequence[pydicom.Dataset]) -> Volume:
     remaining: dict[int, int] = {}
     for fr in frames:
         remaining[fr.ds_index] = remaining.get(fr.ds_index, 0) + 1
-    decoded: dict[int, np.ndarray] = {}  # ds index -> (frames, rows, cols)
+    decoded: dict[int, npt.NDArray[Any]] = {}  # ds index -> (frames, rows, cols), stored dtype
     for z, fr in enumerate(frames):
         if fr.ds_index not in decoded:
             decoded[fr.ds_index] = _decode(series_uid, datasets[fr.ds_index])
@@ -160,8 +161,8 @@ def build_volume(datasets: Sequence[pydicom.Dataset]) -> Volume:
     return Volume(
         array=array,
         spacing=spacing,
-        origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
-        direction=tuple(tuple(float(v) for v in row) for row in direction),
+        origin=(float(origin[0]), float(origin[1]), float(origin[2])),
+        direction=tuple((float(row[0]), float(row[1]), float(row[2])) for row in direction),
         modality=str(first.get("Modality", "")),
         study_uid=study_uid,
         series_uid=series_uid,
@@ -181,7 +182,7 @@ def _peek_sop_uid(path: Path) -> str:
         return ""
 
 
-def _floats(value: Any) -> np.ndarray | None:
+def _floats(value: Any) -> npt.NDArray[np.float64] | None:
     """A multi-valued DS element as float64 array, or None when absent/empty/unparsable."""
     if value is None or value == "":
         return None
@@ -205,7 +206,8 @@ def _item(ds: pydicom.Dataset | None, keyword: str) -> pydicom.Dataset | None:
     seq = ds.get(keyword)
     if seq is None or len(seq) == 0:
         return None
-    return seq[0]
+    item: pydicom.Dataset = seq[0]  # ds.get is typed Any: the element's value, here a Sequence
+    return item
 
 
 def _fg_value(
@@ -298,7 +300,7 @@ def _frames_of(ds_index: int, ds: pydicom.Dataset) -> list[_Frame]:
     return frames
 
 
-def _native_pixels(ds: pydicom.Dataset, transfer_syntax: str) -> np.ndarray | None:
+def _native_pixels(ds: pydicom.Dataset, transfer_syntax: str) -> npt.NDArray[np.integer[Any]] | None:
     """The stored values of an uncompressed little-endian monochrome instance, straight from
     its PixelData bytes: what pydicom's native decoder returns (values masked to BitsStored,
     signed ones sign-extended; a test holds the two equal) at a tenth of its cost, which is a
@@ -318,14 +320,14 @@ def _native_pixels(ds: pydicom.Dataset, transfer_syntax: str) -> np.ndarray | No
     dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
     if not isinstance(raw, bytes | bytearray) or len(raw) < count * dtype.itemsize:
         return None
-    values = np.frombuffer(raw, dtype=dtype, count=count)
+    values: npt.NDArray[np.integer[Any]] = np.frombuffer(raw, dtype=dtype, count=count)
     unused = allocated - stored
     if unused:
         values = (values << unused) >> unused if signed else values & ((1 << stored) - 1)
     return values
 
 
-def _decode(series_uid: str, ds: pydicom.Dataset) -> np.ndarray:
+def _decode(series_uid: str, ds: pydicom.Dataset) -> npt.NDArray[Any]:
     """Stored pixel values of every frame of ``ds`` as (frames, rows, cols).
 
     Compressed transfer syntaxes go through pydicom's decoders (pylibjpeg, openjpeg, rle, gdcm
@@ -402,7 +404,8 @@ def _check_in_plane(series_uid: str, frames: list[_Frame]) -> None:
             )
         if (fr.pixel_spacing is None) != (ref.pixel_spacing is None) or (
             fr.pixel_spacing is not None
-            and not np.allclose(fr.pixel_spacing, ref.pixel_spacing, rtol=SPACING_RTOL, atol=0.0)  # type: ignore[arg-type]
+            and ref.pixel_spacing is not None  # implied by the line above; said again for mypy
+            and not np.allclose(fr.pixel_spacing, ref.pixel_spacing, rtol=SPACING_RTOL, atol=0.0)
         ):
             raise VolumeError(
                 f"series {series_uid}: mixed PixelSpacing ({ref.pixel_spacing} and {fr.pixel_spacing}, "
@@ -410,7 +413,8 @@ def _check_in_plane(series_uid: str, frames: list[_Frame]) -> None:
             )
         if (fr.orientation is None) != (ref.orientation is None) or (
             fr.orientation is not None
-            and float(np.max(np.abs(fr.orientation - ref.orientation))) > IOP_TOLERANCE  # type: ignore[operator]
+            and ref.orientation is not None  # implied by the line above; said again for mypy
+            and float(np.max(np.abs(fr.orientation - ref.orientation))) > IOP_TOLERANCE
         ):
             raise VolumeError(
                 f"series {series_uid}: mixed ImageOrientationPatient (instance {fr.sop_uid}); "
@@ -418,7 +422,9 @@ def _check_in_plane(series_uid: str, frames: list[_Frame]) -> None:
             )
 
 
-def _unit_axes(series_uid: str, iop: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _unit_axes(
+    series_uid: str, iop: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Unit row direction, column direction and normal from an IOP."""
     row, col = iop[:3], iop[3:]
     nr, nc = float(np.linalg.norm(row)), float(np.linalg.norm(col))
@@ -431,7 +437,7 @@ def _unit_axes(series_uid: str, iop: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def _sort_and_check_geometry(
     series_uid: str, frames: list[_Frame]
-) -> tuple[list[_Frame], float, np.ndarray, np.ndarray]:
+) -> tuple[list[_Frame], float, npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Sort frames along the normal and check the stack is regular.
 
     Returns (sorted frames, z spacing mm, origin (3,), direction 3x3 with columns row, col, n).
@@ -455,7 +461,8 @@ def _sort_and_check_geometry(
     if ref.pixel_spacing is None:
         raise VolumeError(f"series {series_uid}: PixelSpacing missing; cannot build a volume")
     row, col, normal = _unit_axes(series_uid, ref.orientation)
-    positions = np.stack([fr.position for fr in frames])  # type: ignore[misc]
+    # every frame has a position (checked above); the filter says so to the type checker
+    positions = np.stack([fr.position for fr in frames if fr.position is not None])
     depth = positions @ normal
     # Stable sort on (depth, original order): ties are caught just below, so the order is only a
     # matter of determinism.

@@ -15,7 +15,7 @@ A backend is small on purpose, three calls:
     A ``BackendInfo``: which library, version, device and the precision it *actually* computes in
     (OpenVINO, for one, silently runs FP32 models in bf16 on CPUs that have it).
 
-Backends are found through ``agent.inference.registry``; nothing else should branch on backend names.
+Backends are found through ``agent.inference.catalog``; nothing else should branch on backend names.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 
-from agent.errors import BackendError
+from agent.core.errors import BackendError
 
 #: Precisions the agent knows how to ask for. Quantized variants (int8, fp8) carry their precision
 #: in the graph; the float ones may be a compute hint (OpenVINO bf16, TensorRT fp16).
@@ -66,7 +67,7 @@ class Backend(Protocol):
         """
         ...
 
-    def run(self, inputs: np.ndarray) -> np.ndarray:
+    def run(self, inputs: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Run one batch ``(N, C, *spatial)`` float32; return the first output as float32."""
         ...
 
@@ -94,7 +95,7 @@ def check_precision(precision: str) -> str:
     return p
 
 
-def as_input_batch(inputs: np.ndarray, rank: int | None, backend: str) -> np.ndarray:
+def as_input_batch(inputs: npt.NDArray[Any], rank: int | None, backend: str) -> npt.NDArray[np.float32]:
     """Validate a batch before it reaches native code: ndarray, expected rank, float32, contiguous.
 
     ``rank`` is the model input's rank when known (None: not checked). Returns the array as

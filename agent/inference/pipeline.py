@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
-from agent.errors import BackendError
+from agent.core.errors import BackendError
+from agent.core.modelspec import ModelSpec
+from agent.core.types import ModelRef, Outputs, Prediction, Volume
 from agent.imaging.postprocess import (
     classification_outputs,
     keep_largest_components,
@@ -31,8 +34,6 @@ from agent.imaging.preprocess import prepare, restore_label_map, source_grid_lab
 from agent.imaging.sliding_window import sliding_window_inference
 from agent.imaging.volume import load_series
 from agent.inference.base import Backend
-from agent.modelspec import ModelSpec
-from agent.types import ModelRef, Outputs, Prediction, Volume
 
 
 class ModelRun(NamedTuple):
@@ -40,12 +41,13 @@ class ModelRun(NamedTuple):
 
     ``label_map``: segmentation only, uint8 (z, y, x) on the source grid, after the spec's
     largest-component filter (applied in model space), i.e. the map the published statistics
-    describe; None for classification or when not asked for. ``logits``: segmentation (K, *model-space spatial) float32; classification (K,).
+    describe; None for classification or when not asked for. ``logits``: segmentation
+    (K, *model-space spatial) float32; classification (K,).
     """
 
     prediction: Prediction
-    label_map: np.ndarray | None
-    logits: np.ndarray
+    label_map: npt.NDArray[np.uint8] | None
+    logits: npt.NDArray[np.float32]
 
 
 def run_model(
@@ -124,7 +126,7 @@ def run_model_detailed(
     lap("inference")
 
     outputs: Outputs
-    label_map: np.ndarray | None = None
+    label_map: npt.NDArray[np.uint8] | None = None
     if spec.task == "segmentation":
         if logits.shape[0] != n_classes:
             raise BackendError(
@@ -149,11 +151,13 @@ def run_model_detailed(
     )
 
 
-def _checked(backend: Backend, n_classes: int) -> Callable[[np.ndarray], np.ndarray]:
+def _checked(
+    backend: Backend, n_classes: int
+) -> Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]:
     """``backend.run`` that rejects non-finite outputs and a wrong class count per call, so a bad
     patch fails the job at once instead of being blended into the volume."""
 
-    def predict(batch: np.ndarray) -> np.ndarray:
+    def predict(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         out = np.asarray(backend.run(np.ascontiguousarray(batch, dtype=np.float32)), dtype=np.float32)
         if out.ndim < 2 or out.shape[0] != batch.shape[0] or out.shape[1] != n_classes:
             raise BackendError(

@@ -7,7 +7,7 @@ sent to the spool and its SQLite journal (``Spool``), and hands each new ``Insta
 
 from __future__ import annotations
 
-from agent.ingest.scp import DicomListener, server_ssl_context
+from agent.ingest.scp import DicomListener
 from agent.ingest.scu import SendReport, send_files
 from agent.ingest.sopclasses import (
     ALL_STORAGE_SOP_CLASSES,
@@ -16,6 +16,7 @@ from agent.ingest.sopclasses import (
     resolve_sop_class,
 )
 from agent.ingest.spool import QuarantinedError, Spool
+from agent.ingest.tls import server_ssl_context
 
 __all__ = [
     "ALL_STORAGE_SOP_CLASSES",

@@ -31,31 +31,34 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from socket import socket as Socket
-from typing import Any
 
-from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config, evt
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event as PynetdicomEvent
+from pynetdicom.events import EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
-from agent.config import DicomConfig, TlsConfig
-from agent.errors import (
+from agent.core.config import DicomConfig
+from agent.core.errors import (
     ConfigError,
     MalformedDicomError,
     OutOfSpaceError,
     StorageError,
     UnsupportedDicomError,
 )
-from agent.ingest.sopclasses import TRANSFER_SYNTAXES, VERIFICATION, is_valid_uid, unique
+from agent.core.events import AssociationRejected, DicomRejected, InstanceQuarantined
+from agent.core.log import log_event
+from agent.core.types import Event, Instance
+from agent.ingest.part10 import part10_bytes, store_request
+from agent.ingest.sopclasses import TRANSFER_SYNTAXES, VERIFICATION, unique
 from agent.ingest.spool import QuarantinedError, Spool
-from agent.log import log_event
-from agent.types import Event, Instance
+from agent.ingest.tls import server_ssl_context
 
 __all__ = [
     "DicomListener",
@@ -104,11 +107,11 @@ class ListenerState:
     counts: dict[int, _Counts] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def count(self, assoc: Any) -> _Counts:
+    def count(self, assoc: object) -> _Counts:
         with self.lock:
             return self.counts.setdefault(id(assoc), _Counts())
 
-    def pop_counts(self, assoc: Any) -> _Counts | None:
+    def pop_counts(self, assoc: object) -> _Counts | None:
         with self.lock:
             return self.counts.pop(id(assoc), None)
 
@@ -142,10 +145,8 @@ def handle_open(event: PynetdicomEvent, state: ListenerState) -> None:
     """
     if state.socket_timeout is None:
         return
-    try:
-        sock: Socket | None = event.assoc.dul.socket.socket
-    except AttributeError:
-        sock = None
+    transport = event.assoc.dul.socket  # None only once the connection is gone
+    sock: Socket | None = transport.socket if transport is not None else None
     if sock is not None:
         sock.settimeout(state.socket_timeout)
 
@@ -159,7 +160,8 @@ def handle_requested(event: PynetdicomEvent, state: ListenerState) -> None:
     if not state.allowed:
         return
     assoc = event.assoc
-    calling = str(assoc.requestor.primitive.calling_ae_title or "").strip()
+    request = assoc.requestor.primitive  # the peer's A-ASSOCIATE-RQ, received before this event
+    calling = str(request.calling_ae_title or "").strip() if request is not None else ""
     peer = _peer_address(assoc)
     rules = state.allowed.get(calling)
     if rules is None:
@@ -190,9 +192,9 @@ def handle_rejected(event: PynetdicomEvent, state: ListenerState) -> None:
         calling_ae=calling,
         peer=_peer_address(assoc),
         reason=str(rj.reason_str).lower() if rj is not None else "rejected",
-        result=getattr(rj, "result", None),
-        source=getattr(rj, "result_source", None),
-        diagnostic=getattr(rj, "diagnostic", None),
+        result=_int_or_none(getattr(rj, "result", None)),
+        source=_int_or_none(getattr(rj, "result_source", None)),
+        diagnostic=_int_or_none(getattr(rj, "diagnostic", None)),
     )
 
 
@@ -210,9 +212,10 @@ def handle_store(event: PynetdicomEvent, spool: Spool, state: ListenerState) -> 
     """
     calling_ae = _calling_ae(event)
     counts = state.count(event.assoc)
-    command_uid = str(event.request.AffectedSOPInstanceUID or "")
+    command_uid = str(store_request(event).AffectedSOPInstanceUID or "")
     try:
-        chunked_path = event.dataset_path  # set only when pynetdicom streamed the data set to a file
+        # set only when pynetdicom streamed the data set to a file (annotated Path, None otherwise)
+        chunked_path: Path | None = event.dataset_path
         if chunked_path is not None:
             instance, created = spool.store_file(chunked_path, calling_ae=calling_ae, sop_classes=state.sop_classes)
         else:
@@ -221,22 +224,27 @@ def handle_store(event: PynetdicomEvent, spool: Spool, state: ListenerState) -> 
                 part10_bytes(event), calling_ae=calling_ae, sop_classes=state.sop_classes
             )
     except OutOfSpaceError as exc:
-        return _refuse(state, counts, "dicom.rejected", "error", exc.status, str(exc), command_uid, calling_ae)
+        return _refuse(state, counts, DicomRejected(sop_instance_uid=command_uid, calling_ae=calling_ae,
+                                                    reason=str(exc), status=exc.status, level="error"))
     except QuarantinedError as exc:
-        return _refuse(state, counts, "instance.quarantined", "warning", exc.status, exc.reason,
-                       exc.sop_instance_uid or command_uid, calling_ae, quarantine_id=exc.quarantine_id)
+        return _refuse(state, counts, InstanceQuarantined(
+            sop_instance_uid=exc.sop_instance_uid or command_uid, calling_ae=calling_ae, reason=exc.reason,
+            status=exc.status, quarantine_id=exc.quarantine_id))
     except (MalformedDicomError, UnsupportedDicomError) as exc:
-        return _refuse(state, counts, "dicom.rejected", "warning", exc.status, str(exc), command_uid, calling_ae)
+        return _refuse(state, counts, DicomRejected(sop_instance_uid=command_uid, calling_ae=calling_ae,
+                                                    reason=str(exc), status=exc.status, level="warning"))
     except StorageError as exc:
-        return _refuse(state, counts, "dicom.rejected", "error", exc.status, str(exc), command_uid, calling_ae)
+        return _refuse(state, counts, DicomRejected(sop_instance_uid=command_uid, calling_ae=calling_ae,
+                                                    reason=str(exc), status=exc.status, level="error"))
     except Exception as exc:  # noqa: BLE001 - answer 0xC001 and keep serving
         logger.exception(
             "store.failed",
             extra={"ea_fields": {"sop_instance_uid": command_uid, "calling_ae": calling_ae}},
         )
         # the event carries the exception type only: messages of third-party errors may quote data
-        return _refuse(state, counts, "dicom.rejected", "error", STATUS_PROCESSING_FAILURE,
-                       f"internal error ({type(exc).__name__})", command_uid, calling_ae, log=False)
+        return _refuse(state, counts, DicomRejected(sop_instance_uid=command_uid, calling_ae=calling_ae,
+                                                    reason=f"internal error ({type(exc).__name__})",
+                                                    status=STATUS_PROCESSING_FAILURE, level="error"), log=False)
 
     # one check instead of building the fields of a record that is dropped (DEBUG is off in service)
     debug = logger.isEnabledFor(logging.DEBUG)
@@ -335,7 +343,7 @@ class DicomListener:
         for uid in self.sop_classes:
             ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
 
-        handlers: list[Any] = [
+        handlers: list[EventHandlerType] = [
             (evt.EVT_CONN_OPEN, handle_open, [self.state]),
             (evt.EVT_REQUESTED, handle_requested, [self.state]),
             (evt.EVT_REJECTED, handle_rejected, [self.state]),
@@ -391,53 +399,6 @@ class DicomListener:
 # --------------------------------------------------------------------------- helpers
 
 
-_PREAMBLE_AND_PREFIX = bytes(128) + b"DICM"
-
-
-def part10_bytes(event: PynetdicomEvent) -> bytes:
-    """What ``event.encoded_dataset(include_meta=True)`` returns, in a fraction of the time.
-
-    pynetdicom builds a pydicom FileMetaDataset and runs pydicom's writer on it: about 0.6 ms per
-    instance on the bench machine, on the path every C-STORE waits for. The file meta here is the
-    same seven elements, encoded directly (a test holds the two byte for byte); values that are
-    not plain UIDs take pynetdicom's path so pydicom's handling of odd input is unchanged.
-    """
-    req = event.request
-    meta = _file_meta_bytes(str(req.AffectedSOPClassUID or ""), str(req.AffectedSOPInstanceUID or ""),
-                            str(event.context.transfer_syntax or ""))
-    if meta is None:
-        return bytes(event.encoded_dataset(include_meta=True))
-    return b"".join((_PREAMBLE_AND_PREFIX, meta, req.DataSet.getvalue()))
-
-
-def _file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes | None:
-    """Group 0002 (explicit VR little endian) as pydicom writes ``pynetdicom.dsutils.create_file_meta``.
-
-    None when a value is not a valid UID: the caller falls back to pydicom then.
-    """
-    if not all(is_valid_uid(v) and v for v in (sop_class, sop_instance, transfer_syntax)):
-        return None
-    body = b"".join((
-        b"\x02\x00\x01\x00OB\x00\x00" + struct.pack("<I", 2) + b"\x00\x01",  # (0002,0001) version
-        _short_element(0x0002, b"UI", _padded(sop_class, b"\x00")),
-        _short_element(0x0003, b"UI", _padded(sop_instance, b"\x00")),
-        _short_element(0x0010, b"UI", _padded(transfer_syntax, b"\x00")),
-        _short_element(0x0012, b"UI", _padded(str(PYNETDICOM_IMPLEMENTATION_UID), b"\x00")),
-        _short_element(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
-    ))
-    return _short_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
-
-
-def _short_element(element: int, vr: bytes, value: bytes) -> bytes:
-    """A group 0002 element with a 2-byte length (every VR of the file meta except OB)."""
-    return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
-
-
-def _padded(text: str, pad: bytes) -> bytes:
-    raw = text.encode("ascii")
-    return raw + pad if len(raw) % 2 else raw
-
-
 def parse_allowed_callers(
     entries: Sequence[str],
 ) -> dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network | None]]:
@@ -460,76 +421,27 @@ def parse_allowed_callers(
     return out
 
 
-def server_ssl_context(tls: TlsConfig, *, handshake_timeout: float | None = 30.0) -> ssl.SSLContext:
-    """Server-side TLS context from ``dicom.tls`` (TLS >= 1.2; client certificates when required).
-
-    Raises ConfigError naming the key when a file is missing or unusable.
-    """
-    if tls.certfile is None or tls.keyfile is None:
-        raise ConfigError("dicom.tls: certfile and keyfile are required when tls.enabled is true")
-    ctx = _LazyHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.handshake_timeout = handshake_timeout
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(str(tls.certfile), str(tls.keyfile))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"dicom.tls.certfile/keyfile: cannot load: {exc}") from exc
-    if tls.require_client_cert:
-        if tls.cafile is None:
-            raise ConfigError("dicom.tls.cafile: required when require_client_cert is true")
-        try:
-            ctx.load_verify_locations(cafile=str(tls.cafile))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"dicom.tls.cafile: cannot load: {exc}") from exc
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-class _LazyHandshakeContext(ssl.SSLContext):
-    """An SSLContext whose server sockets do the TLS handshake on first read, not in accept().
-
-    pynetdicom wraps each accepted socket in the server's accept loop with the default
-    ``do_handshake_on_connect=True``: one client that connects and sends nothing would block every
-    other peer until it gives up. Deferring the handshake moves it into the association's own
-    thread (OpenSSL performs it inside the first ``recv``), bounded by the socket timeout.
-    """
-
-    handshake_timeout: float | None = None
-
-    def wrap_socket(self, sock: Any, server_side: bool = False, do_handshake_on_connect: bool = True,
-                    suppress_ragged_eofs: bool = True, server_hostname: Any = None,
-                    session: Any = None) -> ssl.SSLSocket:
-        if server_side:
-            sock.settimeout(self.handshake_timeout)
-            do_handshake_on_connect = False
-        return super().wrap_socket(sock, server_side=server_side,
-                                   do_handshake_on_connect=do_handshake_on_connect,
-                                   suppress_ragged_eofs=suppress_ragged_eofs,
-                                   server_hostname=server_hostname, session=session)
-
-
-def _refuse(state: ListenerState, counts: _Counts, kind: str, severity: Any, status: int, reason: str,
-            sop_instance_uid: str, calling_ae: str, *, log: bool = True, **extra: object) -> int:
+def _refuse(state: ListenerState, counts: _Counts, refusal: DicomRejected | InstanceQuarantined, *,
+            log: bool = True) -> int:
     counts.failed += 1
-    fields: dict[str, object] = {"sop_instance_uid": sop_instance_uid, "calling_ae": calling_ae,
-                                 "reason": reason, "status": status, **extra}
     if log:
-        log_event(logger, "store.refused", logging.WARNING, **{**fields, "status": f"0x{status:04X}"})
-    state.emit(Event(kind=kind, severity=severity,
-                     message=f"C-STORE refused with 0x{status:04X}: {reason}", fields=fields,
-                     created_at=time.time()))
-    return status
+        log_event(logger, "store.refused", logging.WARNING,
+                  **{**refusal.fields(), "status": f"0x{refusal.status:04X}"})
+    state.emit(refusal.to_event(created_at=time.time()))
+    return refusal.status
+
+
+def _int_or_none(value: object) -> int | None:
+    """pynetdicom's A-ASSOCIATE-RJ parameters are ints (PS3.8 9.3.4); anything else is not one."""
+    return value if isinstance(value, int) else None
 
 
 def _association_rejected(state: ListenerState, *, calling_ae: str, peer: str, reason: str,
-                          result: object, source: object, diagnostic: object) -> None:
-    fields: dict[str, object] = {"sop_instance_uid": "", "calling_ae": calling_ae, "peer": peer,
-                                 "reason": reason, "status": None, "result": result,
-                                 "source": source, "diagnostic": diagnostic}
-    log_event(logger, "association.rejected", logging.WARNING, **fields)
-    state.emit(Event(kind="association.rejected", severity="warning",
-                     message=f"association from {calling_ae or '?'}@{peer} rejected: {reason}",
-                     fields=fields, created_at=time.time()))
+                          result: int | None, source: int | None, diagnostic: int | None) -> None:
+    rejection = AssociationRejected(calling_ae=calling_ae, peer=peer, reason=reason, result=result,
+                                    source=source, diagnostic=diagnostic)
+    log_event(logger, "association.rejected", logging.WARNING, **rejection.fields())
+    state.emit(rejection.to_event(created_at=time.time()))
 
 
 def _address_allowed(peer: str, rules: list[ipaddress.IPv4Network | ipaddress.IPv6Network | None]) -> bool:
@@ -544,7 +456,7 @@ def _address_allowed(peer: str, rules: list[ipaddress.IPv4Network | ipaddress.IP
     return any(r is not None and ip.version == r.version and ip in r for r in rules)
 
 
-def _peer_address(assoc: Any) -> str:
+def _peer_address(assoc: Association) -> str:
     try:
         return str(assoc.requestor.address)
     except (AttributeError, ValueError):

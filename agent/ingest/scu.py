@@ -19,10 +19,11 @@ from pathlib import Path
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pynetdicom import AE, _config
+from pynetdicom.association import Association
 
-from agent.errors import DicomError
-from agent.ingest.spool import _raw_str
-from agent.log import log_event
+from agent.core.errors import DicomError
+from agent.core.log import log_event
+from agent.ingest.spool.header import raw_str
 
 __all__ = ["MAX_CONTEXTS", "SendReport", "send_files"]
 
@@ -140,10 +141,10 @@ def _send_batch(
     if not assoc.is_established:
         _close_socket(assoc)
     if assoc.is_rejected:
-        rj = assoc.acceptor.primitive
+        rj = assoc.acceptor.primitive  # the peer's A-ASSOCIATE-RJ
+        why = f"{rj.reason_str} ({rj.result_str}, source: {rj.source_str})" if rj is not None else "no reason given"
         raise DicomError(
-            f"association rejected by {called_aet}@{host}:{port}: {rj.reason_str} "
-            f"({rj.result_str}, source: {rj.source_str}); calling AE title was {calling_aet!r}"
+            f"association rejected by {called_aet}@{host}:{port}: {why}; calling AE title was {calling_aet!r}"
         )
     if not assoc.is_established:
         raise DicomError(
@@ -153,7 +154,7 @@ def _send_batch(
     try:
         files = [p for key in batch for p in groups[key]]
         for i, path in enumerate(files):
-            if not assoc.is_established:
+            if not _still_established(assoc):
                 for rest in files[i:]:
                     statuses[rest] = None
                     errors[rest] = "association lost before this file was sent"
@@ -173,6 +174,12 @@ def _send_batch(
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def _still_established(assoc: Association) -> bool:
+    """``assoc.is_established`` read afresh: any send may end the association. (A function, so a
+    type checker does not carry the check made before the sends over to this one.)"""
+    return assoc.is_established
 
 
 def _close_socket(assoc: object) -> None:
@@ -211,8 +218,8 @@ def _sop_class_and_syntax(path: Path) -> tuple[str, str]:
         raise ValueError(f"unreadable ({type(exc).__name__})") from exc
     meta = ds.file_meta
     # pynetdicom's chunked send picks the context from the file meta, so group by the same values
-    syntax = _raw_str(meta, 0x00020010) if meta else ""
-    sop_class = _raw_str(meta, 0x00020002) if meta else ""
-    if not sop_class or not syntax or not (meta and _raw_str(meta, 0x00020003)):
+    syntax = raw_str(meta, 0x00020010) if meta else ""
+    sop_class = raw_str(meta, 0x00020002) if meta else ""
+    if not sop_class or not syntax or not (meta and raw_str(meta, 0x00020003)):
         raise ValueError("file meta lacks MediaStorageSOPClassUID/-InstanceUID or TransferSyntaxUID")
     return sop_class, syntax

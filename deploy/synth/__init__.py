@@ -159,7 +159,9 @@ def generate_mr(
     return folders
 
 
-def _manifest(modality: str, seed: int, n: int, knobs: dict[str, Any], entries: list[dict[str, Any]]) -> dict:
+def _manifest(
+    modality: str, seed: int, n: int, knobs: dict[str, Any], entries: list[dict[str, Any]]
+) -> dict[str, Any]:
     """``manifest.json`` content: what was generated, with which knobs, and each series' summary."""
     return {
         "generator": "edge-agent deploy.synth",

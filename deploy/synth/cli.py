@@ -56,7 +56,7 @@ def _thickness(text: str) -> float:
     return value
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Register ``synth`` (with ``ct`` and ``mr``) on ``subparsers``; return the synth parser.
 
     Each leaf sets ``func`` (``args.func(args) -> int`` exit code).

@@ -39,7 +39,7 @@ REPO = MODEL_DIR.parents[1]
 if str(REPO) not in sys.path:  # runnable as a script from a source checkout without installing
     sys.path.insert(0, str(REPO))
 
-from agent.modelspec import load_spec  # noqa: E402
+from agent.core.modelspec import load_spec  # noqa: E402
 from deploy import training as T  # noqa: E402
 from deploy.evaluate import TRAINING_SEEDS  # noqa: E402
 from deploy.synth import MR_CLASSES, MR_DIFFICULTIES  # noqa: E402

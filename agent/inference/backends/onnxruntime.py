@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from agent.errors import BackendError, BackendUnavailableError
+from agent.core.errors import BackendError, BackendUnavailableError
+from agent.core.log import log_event
 from agent.inference.base import BackendInfo, as_input_batch, check_precision, require_package, warmup_shape
-from agent.inference.registry import register
-from agent.log import log_event
+from agent.inference.catalog import register
 
 require_package("onnxruntime")
 
@@ -126,7 +127,7 @@ class OnnxRuntimeBackend:
         chosen.append(_CPU)
         return chosen
 
-    def run(self, inputs: np.ndarray) -> np.ndarray:
+    def run(self, inputs: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """One batch (N, C, *spatial) -> the first output as float32; BackendError on failure."""
         if self._session is None:
             raise BackendError("onnxruntime: run() before load()")

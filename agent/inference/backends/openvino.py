@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from agent.errors import BackendError, BackendUnavailableError
+from agent.core.errors import BackendError, BackendUnavailableError
+from agent.core.log import log_event
 from agent.inference.base import BackendInfo, as_input_batch, check_precision, require_package, warmup_shape
-from agent.inference.registry import register
-from agent.log import log_event
+from agent.inference.catalog import register
 
 require_package("openvino")
 
@@ -161,7 +162,7 @@ class OpenVinoBackend:
             threads=threads,
         )
 
-    def run(self, inputs: np.ndarray) -> np.ndarray:
+    def run(self, inputs: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """One batch (N, C, *spatial) -> the first output as float32; BackendError on failure."""
         if self._model is None:
             raise BackendError("openvino: run() before load()")

@@ -1,0 +1,332 @@
+"""Configuration: one pydantic model, a TOML file, and ``EDGE_AGENT_...`` environment overrides.
+
+Defaults work from a checkout with no file at all (spool under ``./var``, models from ``./models``,
+broker on loopback). Environment variables override the file: ``EDGE_AGENT_DEVICE_ID=x``,
+``EDGE_AGENT_MQTT__PORT=1884`` (nested keys joined with ``__``; values parsed as TOML scalars or
+arrays where they parse, strings otherwise). Validating never touches the network or a model.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent.core.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_PREFIX = "EDGE_AGENT_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TlsConfig(_Section):
+    enabled: bool = Field(False, description="Use TLS.")
+    certfile: Path | None = Field(None, description="Our certificate (PEM).")
+    keyfile: Path | None = Field(None, description="Our private key (PEM).")
+    cafile: Path | None = Field(None, description="CA bundle to verify the peer (PEM).")
+    require_client_cert: bool = Field(
+        False, description="DICOM server side: demand and verify a client certificate from cafile."
+    )
+
+
+class DicomConfig(_Section):
+    ae_title: str = Field("EDGE_AGENT", description="Our AE title; the called AE must match it.")
+    port: int = Field(11112, ge=0, le=65535, description="TCP port of the DICOM listener (0: any free).")
+    bind: str = Field("0.0.0.0", description="Address the listener binds to.")
+    allowed_callers: list[str] = Field(
+        default_factory=list,
+        description='Accepted calling AE titles, "AET" or "AET@10.1.2.3"; empty: any (warned).',
+    )
+    max_associations: int = Field(10, ge=1, description="Concurrent associations accepted.")
+    max_pdu: int = Field(0, ge=0, description="Maximum PDU size we receive (0: unlimited).")
+    acse_timeout_s: float = Field(30, gt=0, description="ACSE timeout (association negotiation).")
+    dimse_timeout_s: float = Field(60, gt=0, description="DIMSE timeout (waiting for a message).")
+    network_timeout_s: float = Field(60, gt=0, description="Idle network timeout.")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="Optional DICOM TLS.")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _aet(cls, v: str) -> str:
+        if not v or len(v) > 16 or not v.isascii() or "\\" in v:
+            raise ValueError("an AE title is 1-16 ASCII characters without backslash")
+        return v
+
+    @field_validator("allowed_callers")
+    @classmethod
+    def _callers(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            aet = entry.split("@", 1)[0]
+            if not aet or len(aet) > 16:
+                raise ValueError(f"{entry!r}: expected 'AET' or 'AET@IP' with a 1-16 character AET")
+        return v
+
+
+class MqttConfig(_Section):
+    host: str = Field("127.0.0.1", description="Broker host.")
+    port: int = Field(1883, ge=0, le=65535, description="Broker port.")
+    topic_prefix: str = Field("edge", description="Topics are {topic_prefix}/{device_id}/...")
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version.")
+    client_id: str = Field("", description="Client id; empty: edge-agent-{device_id}.")
+    username: str | None = Field(None, description="Broker user name.")
+    password: str | None = Field(None, description="Broker password.")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="Optional MQTT TLS.")
+    keepalive_s: int = Field(30, ge=5, description="MQTT keep-alive.")
+    max_inflight: int = Field(20, ge=1, description="Unacknowledged QoS 1 messages in flight.")
+    session_expiry_s: int = Field(86400, ge=0, description="MQTT 5 session expiry interval.")
+    reconnect_max_s: float = Field(
+        60, gt=0, description="Longest wait between reconnect attempts (exponential backoff from 1 s)."
+    )
+
+
+class StorageConfig(_Section):
+    dir: Path = Field(Path("var"), description="State directory: spool, database, quarantine.")
+    min_free_mb: int = Field(500, ge=0, description="Refuse instances (0xA700) below this free space.")
+    retention_days: float = Field(7, gt=0, description="Keep spooled instances this long after publish.")
+    unrouted_retention_h: float = Field(
+        24, gt=0, description="Age out series no model wants after this many hours."
+    )
+    janitor_interval_s: float = Field(
+        60, gt=0, description="How often spooled series past their retention are deleted."
+    )
+
+
+class PipelineConfig(_Section):
+    stable_age_s: float = Field(10, ge=0, description="A series is complete after this quiet time.")
+    job_timeout_s: float = Field(600, gt=0, description="Kill an inference job running longer.")
+    max_attempts: int = Field(3, ge=1, description="Attempts per inference job before it fails.")
+    worker_memory_mb: int = Field(0, ge=0, description="Address-space limit of the worker (0: none).")
+    threads: int = Field(0, ge=0, description="Inference threads (0: all cores).")
+    prefetch: bool = Field(
+        True,
+        description="Decode a series in the inference worker once it has been quiet for a quarter of "
+        "stable_age_s, so its job starts with the volume in memory (unused when an instance arrives after).",
+    )
+
+
+class ModelsConfig(_Section):
+    dir: Path = Field(Path("models"), description="Folder of model folders (each with model.toml).")
+    enabled: list[str] = Field(default_factory=list, description="Model names to load; empty: all.")
+
+
+class PrivacyConfig(_Section):
+    include_patient_identifiers: bool = Field(
+        False, description="Put patient name, ID and birth date into result messages."
+    )
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    format: Literal["kv", "json"] = Field("kv", description="One event per line: key=value or JSON.")
+
+
+class RegistryConfig(_Section):
+    """Where models come from and which keys may sign them."""
+
+
+    url: str = Field("", description="Registry root: http(s):// or file://; empty: no pulling (models.dir only).")
+    public_key: list[Path] = Field(
+        default_factory=list,
+        description="PEM Ed25519 public keys trusted to sign manifests (edge-deploy keygen); several during rotation.",
+    )
+    models: list[str] = Field(default_factory=list, description="Model names to pull and keep up to date.")
+    poll_interval_s: float = Field(3600, ge=0, description="Check the registry this often (0: only on command).")
+    timeout_s: float = Field(30, gt=0, description="Network timeout per request.")
+    retries: int = Field(3, ge=1, description="Attempts per file download; each resumes the last.")
+    min_free_mb: int = Field(200, ge=0, description="Disk space that must remain free after an install.")
+    cafile: Path | None = Field(None, description="CA bundle for an https registry with a private CA.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v and not v.startswith(("http://", "https://", "file://")):
+            raise ValueError("expected an http://, https:// or file:// URL")
+        return v
+
+    @field_validator("public_key", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        # `public_key = "/etc/edge-agent/registry.pub"` is the common single-key case
+        return [v] if isinstance(v, (str, Path)) else v
+
+    def enabled(self) -> bool:
+        """Pulling is configured (a URL and at least one key)."""
+        return bool(self.url and self.public_key)
+
+
+class EnginesConfig(_Section):
+    """How the agent chooses, guards and falls back between the variants of an installed model."""
+
+    bench_runs: int = Field(
+        10, ge=1, description="Timed runs of the self-test input per variant (the fastest counts)."
+    )
+    trial_rounds: int = Field(
+        3, ge=1,
+        description="Passes over all variants, round robin; each variant's fastest pass counts, so a burst of "
+        "load on a shared CPU slows every variant alike instead of one.",
+    )
+    trial_timeout_s: float = Field(300, gt=0, description="Limit for loading + self-testing + timing one variant.")
+    gate_timeout_s: float = Field(
+        900, gt=0,
+        description="Limit for one run of the device accuracy gate: one variant (or FP32) over the manifest's "
+        "validation set, for variants not proven on this CPU's instruction-set family.",
+    )
+    prefer_margin: float = Field(
+        0.05, ge=0, lt=1,
+        description="A variant later in the manifest's priority order is chosen only when it is faster by "
+        "more than this fraction (measurement noise must not flip the choice).",
+    )
+    max_consecutive_failures: int = Field(
+        3, ge=1, description="Demote the active variant to FP32 after this many consecutive failed jobs."
+    )
+    shadow_every: int = Field(20, ge=0, description="Also run FP32 on every Nth job to compare (0: never).")
+    shadow_window: int = Field(20, ge=1, description="Shadow comparisons kept for the agreement rate.")
+    shadow_min_samples: int = Field(5, ge=1, description="Comparisons needed before agreement can demote.")
+    shadow_min_agreement: float = Field(
+        0.95, ge=0, le=1, description="Demote the variant to FP32 when the agreement rate falls below this."
+    )
+    shadow_min_dice: float = Field(
+        0.9, ge=0, le=1, description="Segmentation: mean foreground Dice vs FP32 that counts as agreement."
+    )
+    rollback_after_failures: int = Field(
+        3, ge=1,
+        description="Roll a newly activated version back when its first this-many jobs all fail.",
+    )
+
+
+class Config(_Section):
+    device_id: str = Field("edge-dev", description="Names this device in topics and results.")
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    engines: EnginesConfig = Field(default_factory=EnginesConfig)
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, v: str) -> str:
+        if not v or any(c in v for c in "/+#") or not v.isprintable():
+            raise ValueError("device_id must be non-empty and free of '/', '+', '#'")
+        return v
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.storage.dir / "spool"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.storage.dir / "quarantine"
+
+    @property
+    def db_path(self) -> Path:
+        return self.storage.dir / "state.db"
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _parse_env_value(raw)
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(merged.get(k), dict):
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def load_config(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from defaults, an optional TOML file and the environment.
+
+    Raises ConfigError whose message names each offending key (``mqtt.port: ...``).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{p}: config file not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source=str(path or "defaults"))) from exc
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; see docs/configuration.md)"
+        lines.append(f"  {key}: {msg} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def render_reference() -> str:
+    """Markdown reference of every key (docs/configuration.md is generated from this)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `agent/core/config.py` (`python -m agent.core.config > docs/configuration.md`); the field",
+        "descriptions there are the one place each key is documented. Every key is optional.",
+        "Environment overrides: `EDGE_AGENT_<SECTION>__<KEY>`, e.g. `EDGE_AGENT_MQTT__PORT=1884`.",
+        "",
+    ]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        rows = []
+        nested = []
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                nested.append((name, ann, field.description))
+                continue
+            default = field.get_default(call_default_factory=True)
+            rows.append(f"| `{name}` | `{default!s}` | {field.description or ''} |")
+        title = f"`[{prefix}]`" if prefix else "Top level"
+        lines.extend([f"## {title}", "", "| key | default | meaning |", "|---|---|---|", *rows, ""])
+        for name, sub, _desc in nested:
+            walk(sub, f"{prefix}.{name}" if prefix else name)
+
+    walk(Config, "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(render_reference())

@@ -1,0 +1,109 @@
+"""DICOM reception and the pipeline: refused instances, quarantine, rejected associations
+(agent/ingest/scp.py); unrouted series and failed jobs (agent/service).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.core.events.base import DETAIL, Severity, TypedEvent
+
+# --------------------------------------------------------------------------------------------
+# DICOM reception (agent/ingest/scp.py)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DicomRejected(TypedEvent):
+    """A C-STORE answered with a failure status and nothing kept: SOP class not accepted,
+    unsupported data, spool full or failing, an internal error."""
+
+    KIND = "dicom.rejected"
+    SEVERITY = "warning"
+    SEVERITIES = ("warning", "error")
+
+    sop_instance_uid: str
+    calling_ae: str
+    reason: str
+    status: int
+    #: "warning" when the sender's data was refused, "error" when this device failed (disk, bug)
+    level: Severity = field(default="warning", metadata=DETAIL)
+
+    def severity(self) -> Severity:
+        return self.level
+
+    def message(self) -> str:
+        return f"C-STORE refused with 0x{self.status:04X}: {self.reason}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstanceQuarantined(TypedEvent):
+    """A malformed instance refused (0xC210) and its bytes kept in quarantine."""
+
+    KIND = "instance.quarantined"
+    SEVERITY = "warning"
+
+    sop_instance_uid: str
+    calling_ae: str
+    reason: str
+    status: int
+    quarantine_id: str
+
+    def message(self) -> str:
+        return f"C-STORE refused with 0x{self.status:04X}: {self.reason}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AssociationRejected(TypedEvent):
+    """An association refused with A-ASSOCIATE-RJ (called AE title, caller not allowed, too many
+    associations); ``result``, ``source``, ``diagnostic`` are the RJ parameters (PS3.8 9.3.4)."""
+
+    KIND = "association.rejected"
+    SEVERITY = "warning"
+
+    sop_instance_uid: str = ""
+    calling_ae: str
+    peer: str
+    reason: str
+    status: int | None = None
+    result: int | None
+    source: int | None
+    diagnostic: int | None
+
+    def message(self) -> str:
+        return f"association from {self.calling_ae or '?'}@{self.peer} rejected: {self.reason}"
+
+
+# --------------------------------------------------------------------------------------------
+# pipeline (agent/service.py)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeriesUnrouted(TypedEvent):
+    """A complete series no model's routing rules want."""
+
+    KIND = "series.unrouted"
+    SEVERITY = "info"
+
+    series_uid: str
+    modality: str
+    instances: int
+
+    def message(self) -> str:
+        return "no model wants this series"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobFailed(TypedEvent):
+    """A job that failed ``pipeline.max_attempts`` times: no result for this series and model."""
+
+    KIND = "job.failed"
+    SEVERITY = "error"
+
+    series_uid: str
+    model: str
+    kind: str  # what failed: the runner's failure kind
+    attempts: int
+    error: str = field(metadata=DETAIL)
+
+    def message(self) -> str:
+        return f"inference failed: {self.error}"

@@ -1,0 +1,79 @@
+"""The stages one agent is made of, built from the configuration in the order recovery needs.
+
+``build_stages(cfg, on_event)`` opens the state database once per owner (each stage that writes
+keeps its own connection, so no connection is shared between threads), creates the storage
+folders and returns them as one record. Nothing is started here: threads, the inference worker
+and the listener start in ``Service.start()``. A test builds ``Stages`` itself (or with this
+function on a temporary folder) and hands them to ``Service``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.assembly import JobStore, SeriesAssembler
+from agent.core import db
+from agent.core.config import Config
+from agent.core.types import Event
+from agent.inference.runner import InferenceRunner
+from agent.ingest.spool import Spool
+from agent.mqtt.outbox import Outbox
+from agent.updates.store import ModelStore
+from agent.variants import VariantManager
+
+
+@dataclass(frozen=True)
+class JobStages:
+    """The job thread's own view of the jobs and the outbox, on one connection, so a result's
+    outbox row and its job's state change commit in one transaction."""
+
+    conn: sqlite3.Connection
+    jobs: JobStore
+    outbox: Outbox
+
+
+@dataclass(frozen=True)
+class Stages:
+    """Everything the service wires together. ``jobs``/``outbox`` are the assembly thread's;
+    ``job`` is the job thread's."""
+
+    spool: Spool
+    assembler: SeriesAssembler
+    jobs: JobStore
+    outbox: Outbox
+    job: JobStages
+    runner: InferenceRunner
+    store: ModelStore
+    variants: VariantManager
+
+
+def build_stages(cfg: Config, on_event: Callable[[Event], None], *, fault_injection: bool = False) -> Stages:
+    for d in (cfg.storage.dir, cfg.spool_dir, cfg.quarantine_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    spool = Spool(cfg.spool_dir, cfg.quarantine_dir, db.connect(cfg.db_path), cfg.storage.min_free_mb)
+    # the current registry version of each installed model (its manifest's spec), else the FP32
+    # ONNX in models.dir; agent/variants decides which variant runs (docs/engines.md)
+    store = ModelStore(cfg.storage.dir)
+    variants = VariantManager(cfg, store, cfg.db_path, on_event)
+    asm_conn = db.connect(cfg.db_path)
+    # per-instance series bookkeeping need not reach the platter before the C-STORE answer: the
+    # spool's files are the truth, and start-up re-derives series from them (reconcile)
+    asm_conn.execute("PRAGMA synchronous=NORMAL")
+    assembler = SeriesAssembler(asm_conn, list(variants.specs().values()), cfg.pipeline.stable_age_s)
+    job_conn = db.connect(cfg.db_path)
+    runner = InferenceRunner(cfg.models.dir, threads=cfg.pipeline.threads,
+                             job_timeout_s=cfg.pipeline.job_timeout_s,
+                             memory_limit_mb=cfg.pipeline.worker_memory_mb,
+                             fault_injection=fault_injection)
+    return Stages(
+        spool=spool,
+        assembler=assembler,
+        jobs=JobStore(asm_conn),
+        outbox=Outbox(db.connect(cfg.db_path)),
+        job=JobStages(job_conn, JobStore(job_conn), Outbox(job_conn)),
+        runner=runner,
+        store=store,
+        variants=variants,
+    )
