@@ -124,7 +124,8 @@ class DriftAccumulator:
 
     def profile(self, source: str) -> dict[str, Any]:
         """The profile as a dict matching ``agent.core.manifest.DriftProfile``."""
-        if self._raw_edges is None or self._in_edges is None or self._in_counts is None:
+        if (self._raw_edges is None or self._raw_counts is None or self._in_edges is None
+                or self._in_counts is None):
             raise ValueError("no series added to the drift profile")
         numeric = {
             key: {
@@ -138,7 +139,7 @@ class DriftAccumulator:
         return {
             "n_series": self.n_series,
             "source": source,
-            "intensity": {"edges": self._raw_edges.tolist(), "counts": self._raw_counts.tolist()},  # type: ignore[union-attr]
+            "intensity": {"edges": self._raw_edges.tolist(), "counts": self._raw_counts.tolist()},
             "model_input": {"edges": self._in_edges.tolist(), "counts": self._in_counts.tolist()},
             "metadata_numeric": numeric,
             "metadata_categorical": {k: dict(v) for k, v in self._categorical.items()},

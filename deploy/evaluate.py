@@ -39,11 +39,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
-from agent.core.accuracy import SegmentationScorer, classification_metrics
+from agent.core.accuracy import ScoredCase, SegmentationScorer, classification_metrics
 from agent.core.errors import EdgeAgentError, ModelSpecError
 from agent.core.modelspec import ModelSpec, load_spec
 
@@ -179,14 +179,12 @@ def _run_cases(
                 true_ml = float(truth["labels"][name]["volume_ml"])
                 got_ml = float(outputs.labels[name].volume_ml)
                 volume_error[name] = 100.0 * (got_ml - true_ml) / true_ml if true_ml else float("inf")
-            # SegmentationScorer.add types its record loosely; "dice" is always {label: float}.
-            dice = cast("dict[str, float]", case["dice"])
-            record["dice"] = dice
+            record["dice"] = dict(case.dice)
             record["volume_error_pct"] = volume_error
             if keep_outputs:
                 record["label_map"] = run.label_map
             say(
-                f"  {folder.name}: mean Dice {np.mean(list(dice.values())):.4f} "
+                f"  {folder.name}: mean Dice {np.mean(list(case.dice.values())):.4f} "
                 f"({time.perf_counter() - t0:.1f} s)"
             )
         else:
@@ -285,8 +283,7 @@ def evaluate_model(
         result["knobs"] = knobs
     if spec.task == "segmentation":
         scorer = SegmentationScorer(spec.labels)
-        scorer.cases.extend({"case": r["case"], "dice": r["dice"], "volume_error_pct": r["volume_error_pct"]}
-                            for r in records)
+        scorer.cases.extend(ScoredCase(r["case"], r["dice"], r["volume_error_pct"]) for r in records)
         result.update(scorer.summary())
     else:
         y_true = [r["truth"] for r in records]

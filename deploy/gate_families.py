@@ -204,6 +204,7 @@ def isa_limited_worker(cfg_json: str) -> int:
     backend.load(Path(cfg["path"]), precision=cfg["precision"], threads=int(cfg["threads"]), options=options)
     preds = predict(backend.run, samples, spec)
     with open(cfg["out"], "wb") as f:
+        # numpy's stub types **kwds as its own bool keyword (allow_pickle): arrays are what it saves
         np.savez(f, **{f"pred_{i}": p for i, p in enumerate(preds)})  # type: ignore[arg-type]
     kernels = _openvino_kernels(Path(cfg["path"]), str(cfg["options"].get("inference_precision", "f32")))
     print(json.dumps({"kernels": kernels, "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}), flush=True)

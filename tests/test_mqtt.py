@@ -338,7 +338,7 @@ def test_outage_keeps_results_on_disk_and_delivers_them_in_order(
     assert outbox.count() == 5
     assert pub.last_error is not None
     health = pub.health()
-    assert health["connected"] is False and health["outbox_pending"] == 5 and health["outbox_oldest_age_s"] >= 1.5
+    assert health.connected is False and health.outbox_pending == 5 and health.outbox_oldest_age_s >= 1.5
 
     mosquitto.start()
     assert wait_until(lambda: pub.connected, 10)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from agent.core.modelspec import GateSpec
 
 __all__ = [
+    "ScoredCase",
     "SegmentationScorer",
     "ValidationSamples",
     "Verdict",
@@ -80,6 +81,18 @@ def volume_error_pct(pred: np.ndarray, truth: np.ndarray, labels: Sequence[int])
     return out
 
 
+@dataclass(frozen=True)
+class ScoredCase:
+    """One segmentation case: Dice and volume error (%) per foreground label."""
+
+    case: str
+    dice: Mapping[str, float]
+    volume_error_pct: Mapping[str, float]
+
+    def to_json(self) -> dict[str, object]:
+        return {"case": self.case, "dice": dict(self.dice), "volume_error_pct": dict(self.volume_error_pct)}
+
+
 @dataclass
 class SegmentationScorer:
     """Accumulates per-case Dice and volume errors; :meth:`summary` gives the aggregate.
@@ -91,18 +104,15 @@ class SegmentationScorer:
     """
 
     labels: Sequence[str]
-    cases: list[dict[str, object]] = field(default_factory=list)
+    cases: list[ScoredCase] = field(default_factory=list)
 
-    def add(self, pred: np.ndarray, truth: np.ndarray, case_id: str = "") -> dict[str, object]:
-        """Score one case; returns its per-case record (also kept for :meth:`summary`)."""
+    def add(self, pred: np.ndarray, truth: np.ndarray, case_id: str = "") -> ScoredCase:
+        """Score one case; returns its record (also kept for :meth:`summary`)."""
         values = list(range(1, len(self.labels)))
         dice = dice_per_label(pred, truth, values)
         vol = volume_error_pct(pred, truth, values)
-        record: dict[str, object] = {
-            "case": case_id,
-            "dice": {self.labels[v]: dice[v] for v in values},
-            "volume_error_pct": {self.labels[v]: vol[v] for v in values},
-        }
+        record = ScoredCase(case_id, {self.labels[v]: dice[v] for v in values},
+                            {self.labels[v]: vol[v] for v in values})
         self.cases.append(record)
         return record
 
@@ -112,15 +122,15 @@ class SegmentationScorer:
             raise ValueError("no cases scored")
         names = list(self.labels[1:])
         dice = {
-            name: float(np.mean([c["dice"][name] for c in self.cases]))  # type: ignore[index]
+            name: float(np.mean([c.dice[name] for c in self.cases]))
             for name in names
         }
         worst_vol = {
-            name: float(max(abs(c["volume_error_pct"][name]) for c in self.cases))  # type: ignore[index]
+            name: float(max(abs(c.volume_error_pct[name]) for c in self.cases))
             for name in names
         }
         min_dice = {
-            name: float(min(c["dice"][name] for c in self.cases))  # type: ignore[index]
+            name: float(min(c.dice[name] for c in self.cases))
             for name in names
         }
         return {
@@ -329,6 +339,7 @@ def write_validation_set(path: Path, task: str, inputs: Sequence[np.ndarray], tr
     arrays["offset"] = np.asarray(offsets, dtype=np.float32)
     arrays["scale"] = np.asarray(scales, dtype=np.float32)
     with open(path, "wb") as f:
+        # numpy's stub types **kwds as its own bool keyword (allow_pickle): arrays are what it saves
         np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
 
 

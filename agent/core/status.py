@@ -248,3 +248,24 @@ class SelfTestReport:
     def to_json(self) -> dict[str, object]:
         return {"model": self.model, "version": self.version, "variant": self.variant, "passed": self.passed,
                 "error": self.error, "max_abs_err": self.max_abs_err}
+
+
+# ----------------------------------------------------------------------------------- publishing
+
+
+@dataclass(frozen=True)
+class PublisherHealth:
+    """The MQTT publisher's state (``MqttPublisher.health()``): connected, the status messages'
+    ``seq``, messages in flight, the last connection error, and the outbox backlog and its age."""
+
+    connected: bool
+    status_seq: int
+    inflight: int
+    last_error: str | None
+    outbox_pending: int
+    outbox_oldest_age_s: float
+
+    def to_json(self) -> dict[str, object]:
+        return {"connected": self.connected, "status_seq": self.status_seq, "inflight": self.inflight,
+                "last_error": self.last_error, "outbox_pending": self.outbox_pending,
+                "outbox_oldest_age_s": self.outbox_oldest_age_s}

@@ -31,7 +31,7 @@ from agent.inference.base import Backend
 
 logger = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
+_T = TypeVar("_T", bound=Callable[[], Backend])  # a backend class: called with no arguments
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def register(name: str) -> Callable[[_T], _T]:
 
     def deco(cls: _T) -> _T:
         with _lock:
-            _classes[name] = cls  # type: ignore[assignment]
+            _classes[name] = cls
         return cls
 
     return deco

@@ -43,6 +43,7 @@ from agent.core.config import MqttConfig
 from agent.core.errors import EdgeAgentError, PublishError
 from agent.core.events import TypedEvent
 from agent.core.log import log_event
+from agent.core.status import PublisherHealth
 from agent.core.topics import Topics
 from agent.core.types import Event, Result
 from agent.mqtt.outbox import Outbox, OutboxMessage
@@ -144,18 +145,12 @@ class MqttPublisher:
         with self._cv:
             return self._status_seq
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> PublisherHealth:
         """Publishing health for device telemetry: connection, backlog and its age."""
         with self._cv:
-            doc: dict[str, Any] = {
-                "connected": self._connected,
-                "status_seq": self._status_seq,
-                "inflight": self._window,
-                "last_error": self._last_error,
-            }
-        doc["outbox_pending"] = self.outbox.count()
-        doc["outbox_oldest_age_s"] = round(self.outbox.oldest_age_s(), 1)
-        return doc
+            connected, seq, inflight, error = self._connected, self._status_seq, self._window, self._last_error
+        return PublisherHealth(connected, seq, inflight, error, self.outbox.count(),
+                               round(self.outbox.oldest_age_s(), 1))
 
     def start(self) -> None:
         """Configure paho, start connecting in the background and start the drain thread.
@@ -183,6 +178,7 @@ class MqttPublisher:
             client.max_inflight_messages_set(cfg.max_inflight + 2)
             client.max_queued_messages_set(2 * cfg.max_inflight + 8)
             lo, hi = self._reconnect_delay_s
+            # paho annotates whole seconds; it sleeps with whatever it is given, and tests use 0.2 s
             client.reconnect_delay_set(min_delay=lo, max_delay=hi)  # type: ignore[arg-type]
             if cfg.username is not None:
                 client.username_pw_set(cfg.username, cfg.password)

@@ -29,10 +29,9 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from agent.core.errors import RegistryError
 from agent.core.log import log_event
@@ -76,6 +75,15 @@ def write_atomic(path: Path, data: bytes) -> None:
         atomic_write(path, data)
     except OSError as exc:
         raise RegistryError(f"cannot write {path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class UpdateState:
+    """``models/<model>/updates.json``: the ``highest`` version ever activated here (a lower one
+    offered later is a downgrade) and the versions automatic polls must not reinstall, with why."""
+
+    highest: str | None = None
+    rejected: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -363,40 +371,32 @@ class ModelStore:
             log_event(logger, "registry.pruned", model=model, removed=",".join(sorted(removed)))
         return sorted(removed)
 
-    def update_state(self, model: str) -> dict[str, Any]:
-        """The model's update bookkeeping (``updates.json``): ``highest`` version ever activated and
-        ``rejected`` {version: reason}; empty when none was written yet."""
+    def update_state(self, model: str) -> UpdateState:
+        """The model's update bookkeeping (``updates.json``); empty when none was written yet."""
         path = self.model_dir(model) / UPDATES_FILE
         try:
             doc = json.loads(path.read_text())
         except FileNotFoundError:
-            return {}
+            return UpdateState()
         except (OSError, ValueError) as exc:
             raise RegistryError(f"{path} is unreadable: {exc}; fix or delete it") from exc
-        if not isinstance(doc, dict):
-            raise RegistryError(f"{path} is not a JSON object; fix or delete it")
-        return doc
+        highest = doc.get("highest") if isinstance(doc, dict) else None
+        rejected = doc.get("rejected", {}) if isinstance(doc, dict) else None
+        if (not isinstance(doc, dict) or not isinstance(highest, (str, type(None)))
+                or not isinstance(rejected, dict)):
+            raise RegistryError(f"{path} is not an updates record ({{\"highest\": ..., \"rejected\": {{...}}}}); "
+                                "fix or delete it")
+        return UpdateState(highest, {str(k): str(v) for k, v in rejected.items()})
 
-    def write_update_state(self, model: str, doc: dict[str, Any]) -> None:
+    def write_update_state(self, model: str, state: UpdateState) -> None:
         """Replace ``updates.json`` atomically (it decides what a later poll may install)."""
         mdir = self.model_dir(model)
         try:
             mdir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RegistryError(f"cannot create {mdir}: {exc}") from exc
+        doc = {"highest": state.highest, "rejected": dict(state.rejected)}
         write_atomic(mdir / UPDATES_FILE, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
-
-    def status(self) -> dict[str, Any]:
-        """{model: {"current": v, "previous": v, "versions": [...]}} for the CLI / status message."""
-        out: dict[str, Any] = {}
-        if not self.root.is_dir():
-            return out
-        for p in sorted(self.root.iterdir()):
-            if p.is_dir() and _NAME.match(p.name):
-                out[p.name] = {"current": self.current_version(p.name),
-                               "previous": self.previous_version(p.name),
-                               "versions": self.versions(p.name)}
-        return out
 
 
 def _same_content(a: Path, b: Path) -> bool:

@@ -47,7 +47,7 @@ from agent.core.log import log_event
 from agent.core.types import Event
 from agent.device.probe import Probe
 from agent.updates.client import RegistryClient
-from agent.updates.store import ModelStore, version_key
+from agent.updates.store import ModelStore, UpdateState, version_key
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class ModelUpdater:
             if not automatic:
                 log_event(logger, "update.up_to_date", model=model, version=current)
             return UpdateOutcome(model, True, "up-to-date", current, target)
-        newest = max((v for v in (current, state.get("highest")) if v), key=version_key, default=None)
+        newest = max((v for v in (current, state.highest) if v), key=version_key, default=None)
         if newest is not None and version_key(target) < version_key(newest):
             refused = ModelDowngradeRefused(model=model, offered=target, current=current, newest=newest,
                                             correlation_id=cid)
@@ -144,7 +144,7 @@ class ModelUpdater:
             log_event(logger, "update.downgrade_refused", logging.WARNING, model=model, offered=target,
                       current=current or "", newest=newest)
             return UpdateOutcome(model, False, "failed", current, target, stage="downgrade", error=err)
-        rejected = dict(state.get("rejected", {}))
+        rejected = dict(state.rejected)
         if current is not None and target == self._previous(model) and version_key(target) > version_key(current):
             # whoever rolled back (an operator, or the variant manager after failed jobs), the
             # newer version sitting in `previous` was given up on: polls must not undo that
@@ -196,18 +196,17 @@ class ModelUpdater:
 
     def _record_success(self, model: str, version: str) -> None:
         state = self.store.update_state(model)
-        highest = state.get("highest")
+        highest = state.highest
         if highest is None or version_key(version) > version_key(highest):
-            state["highest"] = version
-        state.setdefault("rejected", {}).pop(version, None)
-        self.store.write_update_state(model, state)
+            highest = version
+        rejected = {v: why for v, why in state.rejected.items() if v != version}
+        self.store.write_update_state(model, UpdateState(highest, rejected))
 
     def _reject(self, model: str, version: str, why: str) -> None:
         """Remember that ``version`` must not come back on an automatic poll."""
         try:
             state = self.store.update_state(model)
-            state.setdefault("rejected", {})[version] = why
-            self.store.write_update_state(model, state)
+            self.store.write_update_state(model, UpdateState(state.highest, {**state.rejected, version: why}))
         except RegistryError as exc:  # bookkeeping only: the failure itself is reported anyway
             log_event(logger, "update.bookkeeping_failed", logging.ERROR, model=model, error=str(exc))
 
