@@ -204,6 +204,58 @@ class EnginesConfig(_Section):
     )
 
 
+class TelemetryConfig(_Section):
+    """Device health and pipeline figures on ``{prefix}/{device_id}/telemetry`` (docs/mqtt.md)."""
+
+    interval_s: float = Field(60, gt=0, description="Seconds between telemetry messages (and the window they cover).")
+    max_queued: int = Field(
+        120, ge=1,
+        description="Telemetry messages kept in the outbox while the broker is away; beyond this the oldest "
+        "telemetry is dropped (never a result or an event).",
+    )
+
+
+class MetricsConfig(_Section):
+    """The telemetry snapshot as Prometheus text (docs/fleet.md)."""
+
+    listen: str = Field(
+        "", description="host:port to serve /metrics on, e.g. 127.0.0.1:9108 (empty: off). Loopback unless you "
+        "mean to expose it.",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        if v:
+            host, sep, port = v.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ValueError("listen must be host:port, e.g. 127.0.0.1:9108")
+        return v
+
+
+class DriftConfig(_Section):
+    """Drift of live traffic against each model's reference profile (docs/drift.md)."""
+
+    enabled: bool = Field(True, description="Compute drift for models that have a reference profile.")
+    window: int = Field(50, ge=2, description="Series per model in the rolling window the signals are computed on.")
+    min_series: int = Field(20, ge=1, description="No verdict (phase collecting) before this many series are in the window.")
+    hysteresis_series: int = Field(
+        5, ge=1, description="Consecutive series at a lower level before a model's state steps down (alert -> warn -> ok)."
+    )
+    k_anonymity: int = Field(
+        5, ge=1, description="Categories seen fewer times than this in the window are published as 'other'."
+    )
+    bootstrap_windows: int = Field(
+        2000, ge=100, description="Windows resampled from the reference to calibrate each signal's thresholds."
+    )
+    min_publish_interval_s: float = Field(
+        60, ge=0, description="At most one drift message per model this often (a state change is always sent)."
+    )
+    max_queued: int = Field(
+        200, ge=1, description="Drift messages kept in the outbox while the broker is away (oldest dropped first)."
+    )
+
+
 class Config(_Section):
     device_id: str = Field("edge-dev", description="Names this device in topics and results.")
     dicom: DicomConfig = Field(default_factory=DicomConfig)
@@ -215,6 +267,9 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     engines: EnginesConfig = Field(default_factory=EnginesConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
 
     @field_validator("device_id")
     @classmethod

@@ -268,6 +268,11 @@ class DriftProfile(_Strict):
     metadata_numeric: dict[str, dict[str, float]] = Field(default_factory=dict)
     metadata_categorical: dict[str, dict[str, int]] = Field(default_factory=dict)
     outputs: dict[str, Any] = Field(default_factory=dict)
+    series: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="One ``agent.core.drift.SeriesSummary`` per reference series (aggregates only): the "
+        "device resamples windows of its own size from these to calibrate each signal's thresholds.",
+    )
 
 
 class ValidationSet(_FileRef):

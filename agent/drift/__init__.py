@@ -1,0 +1,7 @@
+"""Drift stage: live traffic of each model against its reference profile (docs/drift.md).
+
+Takes one ``agent.core.drift.SeriesSummary`` per inferred series; keeps a rolling window per model
+(persisted in the state database), computes each signal against thresholds calibrated for that
+window size from the reference itself, and runs a per-model ok -> warn -> alert state machine with
+hysteresis. Gives ``DriftReport``s (the drift topic) and state changes (``drift.state_changed``).
+"""
