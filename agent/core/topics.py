@@ -5,6 +5,8 @@ Every topic lives under ``{topic_prefix}/{device_id}/``::
     {prefix}/{device_id}/results   result messages (QoS 1, not retained)
     {prefix}/{device_id}/events    operator events (QoS 1, not retained)
     {prefix}/{device_id}/status    birth / offline (QoS 1, retained; also the Last Will)
+    {prefix}/{device_id}/telemetry device health and pipeline figures (QoS 1, not retained)
+    {prefix}/{device_id}/drift     per-model drift against the reference (QoS 1, not retained)
     {prefix}/{device_id}/cmd/#     commands to the device (subscribed when a handler is given)
 """
 
@@ -54,6 +56,14 @@ class Topics:
     @property
     def events(self) -> str:
         return f"{self.base}/events"
+
+    @property
+    def telemetry(self) -> str:
+        return f"{self.base}/telemetry"
+
+    @property
+    def drift(self) -> str:
+        return f"{self.base}/drift"
 
     @property
     def cmd(self) -> str:
