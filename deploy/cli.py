@@ -18,6 +18,7 @@ STAGES = (
     "deploy.synth.cli",
     "deploy.evaluate",
     "deploy.calibrate",
+    "deploy.drift_cmd",
     "deploy.quantize",
     "deploy.gate",
     "deploy.bench",

@@ -135,7 +135,7 @@ def run_demo(state_dir: Path, timeout_s: float = 600.0, seed: int = 2026,
     from agent.core.config import Config
     from agent.core.log import setup_logging
     from agent.ingest.scu import send_files
-    from agent.mqtt.payloads import parse_result
+    from agent.mqtt.payloads import parse_drift, parse_result
     from agent.service import Service
     from deploy.demo_broker import EmbeddedBroker, broker_reachable
     from deploy.synth import make_ct_phantom, make_mr_slice, write_ct_series, write_mr_series
@@ -165,6 +165,8 @@ def run_demo(state_dir: Path, timeout_s: float = 600.0, seed: int = 2026,
         "models": {"dir": str(models_dir)},
         "registry": {"url": registry.resolve().as_uri(), "public_key": [str(pub)], "models": [DEMO_MODEL],
                      "poll_interval_s": 0},
+        # a short window so the demo reaches a verdict in a few dozen slices (default 50 / 20)
+        "drift": {"window": 20, "min_series": 10, "min_publish_interval_s": 0},
     })
     pull_and_explain(cfg)
 
@@ -181,14 +183,20 @@ def run_demo(state_dir: Path, timeout_s: float = 600.0, seed: int = 2026,
     client = mqtt.Client(CallbackAPIVersion.VERSION2,
                          protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311)
 
+    drift: list[dict[str, Any]] = []
+
     def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        if msg.topic.endswith("/drift"):
+            drift.append(parse_drift(msg.payload))
+            return
         received.append(parse_result(msg.payload))
         if len(received) >= 2:
             got_all.set()
 
     client.on_message = on_message
     client.on_subscribe = lambda *a, **k: subscribed.set()
-    client.on_connect = lambda c, *a, **k: c.subscribe(f"edge/{device_id}/results", qos=1)
+    client.on_connect = lambda c, *a, **k: c.subscribe([(f"edge/{device_id}/results", 1),
+                                                        (f"edge/{device_id}/drift", 1)])
     client.connect("127.0.0.1", port)
     client.loop_start()
 
@@ -212,7 +220,7 @@ def run_demo(state_dir: Path, timeout_s: float = 600.0, seed: int = 2026,
             print(format_result(doc))
             print(_compare(doc, truth.get(doc["series_uid"], {})))
             print()
-        rc = 0
+        rc = 0 if _drift_demo(service.dicom_port, inputs, drift, seed, send_files) else 1
     finally:
         service.stop()
         client.loop_stop()
@@ -220,6 +228,39 @@ def run_demo(state_dir: Path, timeout_s: float = 600.0, seed: int = 2026,
         if broker is not None:
             broker.stop()
     return rc
+
+
+def _drift_demo(port: int, inputs: Path, drift: list[dict[str, Any]], seed: int, send: Any) -> bool:
+    """Drift on the MR model: slices like its reference, then slices with three times the noise."""
+    from deploy.synth import make_mr_slice, write_mr_series
+
+    def batch(name: str, seeds: range, **knobs: Any) -> dict[str, Any] | None:
+        folders = [write_mr_series(make_mr_slice(s, **knobs), inputs / f"{name}-{s}") for s in seeds]
+        want = len([d for d in drift if d["model"] == DEMO_MODEL]) + len(folders)
+        send([f for d in folders for f in sorted(d.glob("*.dcm"))], "127.0.0.1", port,
+             calling_aet="DEMO_SCU", called_aet="EDGE_AGENT")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len([d for d in drift if d["model"] == DEMO_MODEL]) < want:
+            time.sleep(0.2)
+        mine = [d for d in drift if d["model"] == DEMO_MODEL]
+        return mine[-1] if mine else None
+
+    def show(doc: dict[str, Any] | None) -> None:
+        if doc is None:
+            print("  drift: no message received")
+            return
+        why = f" ({', '.join(doc['responsible'])})" if doc.get("responsible") else ""
+        print(f"  drift of {doc['model']} {doc['version']}: {doc['state']}{why}, phase {doc['phase']}, "
+              f"{doc['window']['series']} series in the window")
+
+    _say("drift: 15 more MR slices like the model's reference (window 20, verdict from 10)")
+    calm = batch("mr-calm", range(seed + 1000, seed + 1015))
+    show(calm)
+    _say("drift: 6 MR slices with three times the noise (a failing coil, a different protocol)")
+    noisy = batch("mr-noisy", range(seed + 2000, seed + 2006), noise=3.0)
+    show(noisy)
+    print()
+    return calm is not None and noisy is not None
 
 
 def _compare(doc: dict[str, Any], truth: dict[str, Any]) -> str:

@@ -212,9 +212,18 @@ def test_activation_measures_picks_int8_and_a_restart_reuses_the_choice(
     assert not act2.measured and act2.variant == act.variant and act2.results == act.results
     assert idle.worker_pid is None  # nothing was loaded or timed
     # the job path runs the chosen variant and the result says so
-    pred = run(again, runner, registry.series[0]).prediction
+    outcome = run(again, runner, registry.series[0])
+    pred = outcome.prediction
     assert pred is not None and (pred.model.variant, pred.model.version) == (act.variant, "1.0.0")
     assert pred.model.precision.startswith("int8")
+    # the job carried the manifest's drift edges: the series comes back summarised on them, and the
+    # manager hands the service the profile of the version that ran
+    assert manifest.drift is not None and len(manifest.drift.series) == manifest.drift.n_series > 0
+    assert again.drift_profile(MODEL) == ("1.0.0", manifest.drift)
+    assert outcome.summary is not None and outcome.summary.predicted_class in manifest.spec["labels"]
+    assert len(outcome.summary.intensity_counts) == len(manifest.drift.intensity.edges) - 1
+    assert len(outcome.summary.input_counts) == len(manifest.drift.model_input.edges) - 1
+    assert again.shadow_agreement(MODEL) is None  # no shadow comparison yet
     again.close()
 
     # a different hardware/backend fingerprint (here: the thread count) is measured afresh
@@ -400,9 +409,11 @@ def test_shadow_validation_demotes_a_variant_that_disagrees_with_fp32(
     chosen = mgr.activate(MODEL, "1.0.0").variant
 
     # an honest variant agrees with FP32 on every shadowed job
-    run(mgr, runner, registry.series[0], "job-agree")
+    agree = run(mgr, runner, registry.series[0], "job-agree")
     stats = mgr.guard.stats(MODEL)
     assert stats is not None and stats.shadow_agreement == 1.0
+    assert mgr.shadow_agreement(MODEL) == 1.0
+    assert agree.shadow is not None and agree.summary is not None  # the primary's summary, shadow or not
     assert mgr.describe()[0].to_json()["guard"] == {"variant": f"1.0.0/{chosen}", "jobs": 1,
                                                      "consecutive_failures": 0, "shadow_comparisons": 1,
                                                      "shadow_agreement": 1.0}
@@ -482,6 +493,31 @@ def test_without_a_registry_model_the_models_dir_fp32_runs(
     assert [m.to_json() for m in mgr.summary()] == [{"name": MODEL, "version": "1.0.0", "variant": "fp32",
                                                      "backend": "onnxruntime", "precision": "fp32", "accuracy": "",
                                                      "source": "models.dir"}]
+    mgr.close()
+
+
+def test_a_models_dir_model_takes_its_drift_profile_from_drift_json(
+        registry: Registry, runner: InferenceRunner, tmp_path: Path) -> None:
+    from agent.core.manifest import DriftProfile
+
+    models = tmp_path / "models"
+    shutil.copytree(registry.model_dir, models / MODEL)
+    cfg = make_cfg(tmp_path, models_dir=models)
+    mgr = VariantManager(cfg, ModelStore(tmp_path), cfg.db_path, lambda _e: None, runner=runner)
+    assert mgr.drift_profile(MODEL) is None and mgr.shadow_agreement(MODEL) is None
+    assert run(mgr, runner, registry.series[0]).summary is None  # no profile: nothing to bin on
+
+    # the build's profile (calibrate's, per-series summaries included) beside model.onnx
+    shutil.copy(registry.build / "drift.json", models / MODEL / "drift.json")
+    profile = DriftProfile.model_validate_json((models / MODEL / "drift.json").read_bytes())
+    assert mgr.drift_profile(MODEL) == ("1.0.0", profile)  # read afresh: no restart needed
+    outcome = run(mgr, runner, registry.series[1])
+    assert outcome.summary is not None and len(outcome.summary.intensity_counts) == len(profile.intensity.edges) - 1
+    assert outcome.summary.numeric["n_slices"] == 1.0 and outcome.summary.entropy is not None
+
+    (models / MODEL / "drift.json").write_text("{not json")  # a broken file: no profile, jobs unharmed
+    assert mgr.drift_profile(MODEL) is None
+    assert run(mgr, runner, registry.series[2]).summary is None
     mgr.close()
 
 

@@ -1,5 +1,6 @@
 """MQTT publisher against a real Mosquitto (and the embedded amqtt broker): order, QoS 1, birth and
-Last Will, outage, refused connections, results --follow."""
+Last Will, outage, refused connections, results --follow, telemetry and drift (bounded during an
+outage, seq gaps visible) and the publish latency reported to Metrics."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,9 @@ from paho.mqtt.properties import Properties
 from agent.cli.follow import follow_results
 from agent.core.config import MqttConfig, TlsConfig
 from agent.core.db import connect
+from agent.core.drift import DriftReport, DriftSignal
 from agent.core.errors import PublishError
+from agent.core.telemetry import TelemetrySnapshot
 from agent.core.types import (
     ClassificationOutput,
     Event,
@@ -39,8 +43,17 @@ from agent.core.types import (
     SegmentationOutput,
 )
 from agent.mqtt.outbox import Outbox
-from agent.mqtt.payloads import parse_event, parse_result, parse_status, result_id, status_payload
+from agent.mqtt.payloads import (
+    parse_drift,
+    parse_event,
+    parse_result,
+    parse_status,
+    parse_telemetry,
+    result_id,
+    status_payload,
+)
 from agent.mqtt.publisher import MqttPublisher
+from agent.telemetry import HostSampler, TelemetryCollector, build_snapshot
 from deploy.demo_broker import EmbeddedBroker, broker_reachable
 
 DEVICE = "dev1"
@@ -157,10 +170,11 @@ def make_pub(outbox: Outbox) -> Iterator[Callable[..., MqttPublisher]]:
 
     def make(port: int, protocol: str = "5", **kwargs: Any) -> MqttPublisher:
         on_command = kwargs.pop("on_command", None)
+        extra = {"metrics": kwargs.pop("metrics")} if "metrics" in kwargs else {}
         cfg = MqttConfig(host="127.0.0.1", port=port, topic_prefix=PREFIX, protocol=protocol,  # type: ignore[arg-type]
                          max_inflight=kwargs.pop("max_inflight", 4), **kwargs)
         p = MqttPublisher(cfg, DEVICE, outbox, birth=birth, on_command=on_command,
-                          reconnect_delay_s=(0.1, 0.5), poll_interval_s=0.2)
+                          reconnect_delay_s=(0.1, 0.5), poll_interval_s=0.2, **extra)
         pubs.append(p)
         return p
 
@@ -350,6 +364,103 @@ def test_outage_keeps_results_on_disk_and_delivers_them_in_order(
     assert len(docs) <= len(expected) + 4  # duplicates bounded by the in-flight window
     births = [parse_status(m.payload) for m in sub.on("/status") if parse_status(m.payload)["state"] == "online"]
     assert births[-1]["seq"] > seq_before
+
+
+def telemetry_of(sub: Subscriber) -> list[dict[str, Any]]:
+    return [parse_telemetry(m.payload) for m in sub.on("/telemetry")]
+
+
+def first_seqs(docs: list[dict[str, Any]]) -> list[int]:
+    seen: list[int] = []
+    for d in docs:
+        if d["seq"] not in seen:
+            seen.append(d["seq"])
+    return seen
+
+
+def a_snapshot(tmp_path: Path, collector: TelemetryCollector) -> TelemetrySnapshot:
+    return build_snapshot(collector, HostSampler(tmp_path / "var", gpus=False), seq=1, interval_s=60,
+                          queue_depth=0, health=None)
+
+
+def test_telemetry_and_drift_arrive_and_publish_latency_is_measured(
+    mosquitto: Any, tmp_path: Path, outbox: Outbox, make_pub: Callable[..., MqttPublisher],
+    make_sub: Callable[..., Subscriber],
+) -> None:
+    sub = make_sub(mosquitto.port)
+    collector = TelemetryCollector()
+    pub = make_pub(mosquitto.port, metrics=collector)
+    snap = replace(a_snapshot(tmp_path, collector), seq=outbox.next_seq("telemetry"))
+    pub.publish_telemetry(snap)
+    report = DriftReport("mr-brain-cls", "1.0.0", "warn", "monitoring", 50, 50, 20,
+                         (DriftSignal("metadata.kvp", "warn", "ks", 0.2, 0.15, 0.3),), since=1714564800.0)
+    pub.publish_drift(report, outbox.next_seq("drift"))
+    pub.publish_result(make_result(0))
+    time.sleep(0.3)  # rows wait in the outbox a moment: that is publish latency too
+    pub.start()
+    assert sub.wait(lambda: bool(sub.on("/telemetry") and sub.on("/drift") and sub.on("/results")), 10)
+    (tele,) = telemetry_of(sub)
+    assert tele == {"schema": "edge-agent/telemetry/1", "device_id": DEVICE, **snap.to_json()} and tele["seq"] == 1
+    drift = parse_drift(sub.on("/drift")[0].payload)
+    assert (drift["seq"], drift["state"], drift["responsible"]) == (1, "warn", ["metadata.kvp"])
+    assert not sub.on("/telemetry")[0].retain and sub.on("/telemetry")[0].qos == 1
+    assert wait_until(lambda: outbox.count() == 0, 5)
+    win = collector.take_window()
+    assert win.counts["messages_published"] == 3 and win.observed["publish"] == 3  # status messages not counted
+    assert all(0.3 <= s < 10 for s in win.samples["publish"])
+
+
+def test_outage_drops_only_the_oldest_telemetry_and_its_seq_shows_the_gap(
+    mosquitto: Any, tmp_path: Path, outbox: Outbox, make_pub: Callable[..., MqttPublisher],
+    make_sub: Callable[..., Subscriber],
+) -> None:
+    # broker persistence + a persistent subscriber session, as in the outage test above
+    (tmp_path / "persist").mkdir()
+    restart_with(mosquitto, f"allow_anonymous true\npersistence true\npersistence_location {tmp_path / 'persist'}/\n")
+    sub = make_sub(mosquitto.port, f"{PREFIX}/#", protocol="3.1.1", client_id="fleet-monitor", persistent=True)
+    collector = TelemetryCollector()
+    pub = make_pub(mosquitto.port, metrics=collector)
+    pub.start()
+    base = a_snapshot(tmp_path, collector)
+
+    def telemetry() -> None:
+        pub.publish_telemetry(replace(base, seq=outbox.next_seq("telemetry")), max_queued=120)
+
+    telemetry()
+    telemetry()
+    pub.publish_result(make_result(0))
+    assert sub.wait(lambda: len(sub.on("/telemetry")) >= 2 and bool(sub.on("/results")), 10)
+    assert wait_until(lambda: outbox.count() == 0, 5)
+
+    mosquitto.stop()
+    assert wait_until(lambda: not pub.connected, 5)
+    results = [make_result(i) for i in range(1, 11)]
+    for i in range(500):
+        telemetry()
+        if i % 50 == 0:
+            pub.publish_result(results[i // 50])
+            pub.publish_event(Event("job.failed", "error", "inference failed", {"series_uid": f"1.2.{i}"}))
+        if i == 0:
+            first_queued = time.time()
+    assert (outbox.count("result"), outbox.count("event"), outbox.count("telemetry")) == (10, 10, 120)
+    assert outbox.dropped()["telemetry"] == 380
+
+    broker_back = time.time()
+    mosquitto.start()
+    assert wait_until(lambda: pub.connected, 10)
+    assert sub.wait(lambda: any(d["seq"] == 502 for d in telemetry_of(sub))
+                    and len({d["result_id"] for d in results_of(sub)}) >= 11 and len(sub.on("/events")) >= 10, 20)
+    assert wait_until(lambda: outbox.count() == 0, 5)
+    seqs = first_seqs(telemetry_of(sub))
+    assert seqs == [1, 2, *range(383, 503)]  # the newest 120 survived, in order
+    assert seqs[2] - seqs[1] - 1 == 380 == outbox.dropped()["telemetry"]  # the gap a consumer sees
+    expected = [f"{r.result_id}:{r.revision}" for r in [make_result(0), *results]]
+    assert first_arrivals(results_of(sub)) == expected  # every result, in order
+    assert len({json.dumps(parse_event(m.payload)["fields"]) for m in sub.on("/events")}) == 10  # every event
+    win = collector.take_window()
+    assert win.counts_total["messages_published"] == 2 + 1 + 10 + 10 + 120
+    # the backlog's wait is publish latency: the first result queued waited at least this long
+    assert max(win.samples["publish"]) >= broker_back - first_queued > 0
 
 
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"

@@ -125,3 +125,102 @@ def test_rejects_bad_arguments(outbox: Outbox) -> None:
         outbox.put("t", b"x", qos=3)
     with pytest.raises(ValueError):
         outbox.put("t", b"x", kind="other")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------- bounded kinds (telemetry, drift)
+
+
+def test_bounded_share_drops_only_the_oldest_telemetry(outbox: Outbox) -> None:
+    results, events, telemetry = [], [], []
+    for i in range(500):
+        telemetry.append(outbox.put("edge/d/telemetry", f"t{i}".encode(), kind="telemetry", max_queued=120))
+        if i % 10 == 0:
+            results.append(outbox.put("edge/d/results", f"r{i}".encode(), dedup_key=f"rid{i}:1"))
+            events.append(outbox.put("edge/d/events", f"e{i}".encode(), kind="event"))
+    rows = outbox.pending(10_000)
+    by_kind = {k: [r.seq for r in rows if r.kind == k] for k in ("result", "event", "telemetry")}
+    assert by_kind["result"] == results and by_kind["event"] == events  # never dropped
+    assert by_kind["telemetry"] == telemetry[-120:]  # the newest 120, in order
+    assert outbox.count("telemetry") == 120 and outbox.count() == 120 + 50 + 50
+    assert outbox.dropped() == {"telemetry": 380, "drift": 0}
+    assert [r.seq for r in rows] == sorted(r.seq for r in rows)
+
+
+def test_caps_configured_on_the_outbox_and_per_put(db_path: Path) -> None:
+    conn = connect(db_path)
+    try:
+        box = Outbox(conn, caps={"telemetry": 3})
+        for _ in range(5):
+            box.put("t", b"x", kind="telemetry")
+            box.put("d", b"y", kind="drift", max_queued=2)
+        assert (box.count("telemetry"), box.count("drift")) == (3, 2)
+        for _ in range(300):  # drift's default cap (DEFAULT_CAPS) applies without max_queued
+            box.put("d", b"y", kind="drift")
+        assert box.count("drift") == 200
+        assert box.dropped() == {"telemetry": 2, "drift": 3 + 102}
+        with pytest.raises(ValueError):
+            Outbox(conn, caps={"result": 10})  # results and events are never dropped
+        with pytest.raises(ValueError):
+            box.put("t", b"x", kind="event", max_queued=5)
+        with pytest.raises(ValueError):
+            box.put("t", b"x", kind="telemetry", max_queued=0)
+    finally:
+        conn.close()
+
+
+def test_bounded_put_inside_caller_transaction_rolls_back_whole(outbox: Outbox) -> None:
+    for _ in range(3):
+        outbox.put("t", b"old", kind="telemetry", max_queued=3)
+    with pytest.raises(RuntimeError):
+        with transaction(outbox.conn):
+            outbox.put("t", b"new", kind="telemetry", max_queued=3, in_transaction=True)
+            raise RuntimeError("caller failed")
+    assert [r.payload for r in outbox.pending(10)] == [b"old"] * 3  # neither the insert nor the trim
+    assert outbox.dropped()["telemetry"] == 0
+
+
+def test_message_seqs_are_separate_and_persistent(db_path: Path) -> None:
+    conn = connect(db_path)
+    box = Outbox(conn)
+    assert [box.next_seq("telemetry") for _ in range(3)] == [1, 2, 3]
+    assert box.next_seq("drift") == 1 and box.next_status_seq() == 1
+    conn.close()
+    conn = connect(db_path)
+    try:
+        box = Outbox(conn)
+        assert (box.next_seq("telemetry"), box.next_seq("drift"), box.next_seq("status")) == (4, 2, 2)
+        with pytest.raises(ValueError):
+            box.next_seq("result")  # type: ignore[arg-type]
+    finally:
+        conn.close()
+
+
+def test_an_older_agents_outbox_is_migrated_with_rows_and_seq(db_path: Path) -> None:
+    conn = connect(db_path)
+    conn.executescript("""
+        CREATE TABLE outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL,
+            qos INTEGER NOT NULL DEFAULT 1, retain INTEGER NOT NULL DEFAULT 0,
+            kind TEXT NOT NULL CHECK (kind IN ('result', 'event')), dedup_key TEXT UNIQUE,
+            created_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE outbox_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        INSERT INTO outbox_meta VALUES ('status_seq', 41);
+        INSERT INTO outbox (topic, payload, kind, dedup_key, created_at, attempts)
+            VALUES ('r', x'01', 'result', 'rid:1', 1.0, 2), ('e', x'02', 'event', NULL, 2.0, 0),
+                   ('r', x'03', 'result', 'rid:2', 3.0, 0);
+        DELETE FROM outbox WHERE seq = 3;
+    """)
+    conn.close()
+    conn = connect(db_path)
+    try:
+        box = Outbox(conn)
+        rows = box.pending(10)
+        assert [(r.seq, r.payload, r.kind, r.dedup_key, r.attempts) for r in rows] == [
+            (1, b"\x01", "result", "rid:1", 2), (2, b"\x02", "event", None, 0)]
+        assert box.put("t", b"x", kind="telemetry") == 4  # seq 3 was acknowledged: never reused
+        assert box.put("r", b"again", dedup_key="rid:1") == 1  # the dedup index survived
+        assert box.next_status_seq() == 42
+        Outbox(conn)  # opening again is a no-op
+        assert box.count() == 3
+    finally:
+        conn.close()

@@ -1,12 +1,15 @@
-"""Result / event / status payloads: schema, privacy, deterministic ids."""
+"""Result / event / status / drift payloads: schema, privacy, deterministic ids (telemetry's message
+is tested with its snapshot in test_telemetry.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 
+from agent.core.drift import DriftReport, DriftSignal
 from agent.core.errors import PublishError
 from agent.core.events import (
     CATALOG,
@@ -32,8 +35,11 @@ from agent.core.types import (
     SegmentationOutput,
 )
 from agent.mqtt.payloads import (
+    DRIFT_SCHEMA,
     RESULT_SCHEMA,
+    drift_payload,
     event_payload,
+    parse_drift,
     parse_event,
     parse_result,
     parse_status,
@@ -158,7 +164,7 @@ def test_event_payload() -> None:
 #: a value for every field type used in agent/core/events/ (a new type needs a line here)
 SAMPLES: dict[str, object] = {
     "str": "s-1", "str | None": "s-2", "int": 7, "int | None": 3, "float": 1.25, "bool": False,
-    "Severity": "error", "tuple[str, ...]": ("int8", "fp32"),
+    "Severity": "error", "DriftState": "warn", "tuple[str, ...]": ("int8", "fp32"),
     "tuple[SelfTestReport, ...]": (SelfTestReport("m", "1.0.0", "int8", True, "", 0.01),
                                    SelfTestReport("m", "1.0.0", "fp32", False, "mismatch")),
     "tuple[DataclassInstance, ...]": (SelfTestReport("m", "1.0.0", "fp32", True),),
@@ -246,7 +252,57 @@ def test_topics() -> None:
     t = Topics("edge", "dev1")
     assert (t.results, t.status, t.events, t.cmd) == (
         "edge/dev1/results", "edge/dev1/status", "edge/dev1/events", "edge/dev1/cmd/#")
+    assert (t.telemetry, t.drift) == ("edge/dev1/telemetry", "edge/dev1/drift")
     assert Topics("hospital/ct", "+").results == "hospital/ct/+/results"
     for prefix, dev in (("edge/#", "d"), ("", "d"), ("edge", "a/b"), ("edge", "a+")):
         with pytest.raises(ValueError):
             Topics(prefix, dev)
+
+
+# ---------------------------------------------------------------------------------------- drift
+
+
+def drift_report(**changes: object) -> DriftReport:
+    signals = (
+        DriftSignal("input.intensity", "alert", "psi", 0.41, 0.12, 0.25,
+                    {"window_counts": [3, 10, 20, 17], "out_of_range": 0}),
+        DriftSignal("metadata.kvp", "warn", "ks", 0.2, 0.15, 0.3),
+        DriftSignal("metadata.manufacturer", "alert", "unseen", 1.0, 1.0, math.inf, {"other": 6}),
+        DriftSignal("output.confidence", "ok", "ks", 0.05, 0.15, 0.3),
+    )
+    report = DriftReport(model="mr-brain-cls", version="1.0.0", state="alert", phase="monitoring", window_size=50,
+                         series_in_window=50, min_series=20, signals=signals, since=1714564800.0)
+    return dataclasses.replace(report, **changes)  # type: ignore[arg-type]
+
+
+def test_drift_payload() -> None:
+    doc = parse_drift(drift_payload(drift_report(), "edge-01", 12, created_at=1714564860.5))
+    assert doc["schema"] == DRIFT_SCHEMA == "edge-agent/drift/1"
+    assert (doc["device_id"], doc["model"], doc["version"], doc["state"], doc["phase"]) == (
+        "edge-01", "mr-brain-cls", "1.0.0", "alert", "monitoring")
+    assert doc["window"] == {"size": 50, "series": 50} and doc["min_series"] == 20
+    assert doc["since"] == "2024-05-01T12:00:00.000Z" and doc["created_at"] == "2024-05-01T12:01:00.500Z"
+    assert doc["responsible"] == ["input.intensity", "metadata.manufacturer"] and doc["seq"] == 12
+    assert [s["name"] for s in doc["signals"]] == ["input.intensity", "metadata.kvp", "metadata.manufacturer",
+                                                   "output.confidence"]
+    assert doc["signals"][0] == {"name": "input.intensity", "state": "alert", "statistic": "psi", "value": 0.41,
+                                 "warn": 0.12, "alert": 0.25,
+                                 "detail": {"window_counts": [3, 10, 20, 17], "out_of_range": 0}}
+    assert doc["signals"][2]["alert"] is None  # an infinite threshold: JSON has no Infinity
+    assert "detail" not in doc["signals"][1]
+    collecting = parse_drift(drift_payload(drift_report(state="ok", phase="collecting", series_in_window=4,
+                                                        signals=()), "edge-01", 1))
+    assert collecting["responsible"] == [] and collecting["signals"] == [] and collecting["created_at"] > "2024"
+
+
+def test_drift_payload_refuses_what_json_cannot_carry() -> None:
+    bad = drift_report(signals=(DriftSignal("input.intensity", "ok", "psi", math.nan, 0.1, 0.2),))
+    with pytest.raises(PublishError):
+        drift_payload(bad, "edge-01", 1)
+    for broken in (b'{"schema": "edge-agent/drift/1"}', b"[]"):
+        with pytest.raises(PublishError):
+            parse_drift(broken)
+    doc = json.loads(drift_payload(drift_report(), "edge-01", 3))
+    doc["signals"][0]["typo"] = 1  # nested objects are strict: a builder's typo is caught
+    with pytest.raises(PublishError):
+        parse_drift(json.dumps(doc))

@@ -233,7 +233,9 @@ def test_segmentation_end_to_end_onnxruntime(
 
     spec = load_spec(models["seg"])
     backend = loaded("onnxruntime", models["seg"] / "model.onnx", warmup_shape=(1, 1, 8, 32, 32))
-    pred, label_map, logits = pipeline.run_model_detailed(ct_series, spec, backend, _ref(spec, backend))
+    run = pipeline.run_model_detailed(ct_series, spec, backend, _ref(spec, backend))
+    pred, label_map, logits = run.prediction, run.label_map, run.logits
+    assert run.summary is None  # no drift edges given
 
     assert pred.task == "segmentation" and pred.model.name == "tiny-seg"
     assert pred.model.backend == "onnxruntime" and pred.model.precision == "fp32"
@@ -266,10 +268,10 @@ def test_openvino_f32_matches_onnxruntime(
     spec = load_spec(models["seg"])
     ort = loaded("onnxruntime", models["seg"] / "model.onnx", warmup_shape=(1, 1, 8, 32, 32))
     ov = loaded("openvino", models["seg"] / "model.onnx", warmup_shape=(1, 1, 8, 32, 32))
-    _, map_ort, logits_ort = pipeline.run_model_detailed(ct_series, spec, ort, _ref(spec, ort))
-    pred_ov, map_ov, logits_ov = pipeline.run_model_detailed(
-        ct_series, spec, ov, _ref(spec, ov), sw_batch_size=2
-    )
+    run_ort = pipeline.run_model_detailed(ct_series, spec, ort, _ref(spec, ort))
+    run_ov = pipeline.run_model_detailed(ct_series, spec, ov, _ref(spec, ov), sw_batch_size=2)
+    map_ort, logits_ort = run_ort.label_map, run_ort.logits
+    pred_ov, map_ov, logits_ov = run_ov.prediction, run_ov.label_map, run_ov.logits
     assert pred_ov.model.backend == "openvino" and pred_ov.model.precision == "fp32"
     np.testing.assert_allclose(logits_ov, logits_ort, atol=1e-4)
     assert (map_ov != map_ort).mean() < 1e-3  # ties at exactly 0.5 may break either way
@@ -282,7 +284,8 @@ def test_classification_end_to_end(pipeline: Any, ct_series: list[Path], models:
     spec = load_spec(models["cls"])
     backend = loaded("onnxruntime", models["cls"] / "model.onnx", warmup_shape=(1, 1, 32, 32))
     # one slice: what a 2D model takes
-    pred, label_map, logits = pipeline.run_model_detailed(ct_series[:1], spec, backend, _ref(spec, backend))
+    run = pipeline.run_model_detailed(ct_series[:1], spec, backend, _ref(spec, backend))
+    pred, label_map, logits = run.prediction, run.label_map, run.logits
     assert pred.task == "classification" and label_map is None
     assert logits.shape == (4,)
     out = pred.outputs
@@ -324,3 +327,26 @@ def test_wrong_class_count_is_a_backend_error(
     backend = FakeBackend(lambda x: np.zeros((x.shape[0], 3), np.float32))
     with pytest.raises(BackendError, match="K=4"):
         pipeline.run_model(ct_series[:1], spec, backend, _ref(spec, backend))
+
+
+def test_drift_summary_comes_with_the_run_and_its_failure_never_fails_it(
+    pipeline: Any, ct_series: list[Path], models: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    from agent.core.drift import DriftEdges
+    from agent.core.modelspec import load_spec
+
+    spec = load_spec(models["seg"])
+    backend = loaded("onnxruntime", models["seg"] / "model.onnx", warmup_shape=(1, 1, 8, 32, 32))
+    edges = DriftEdges(tuple(np.linspace(-500, 1900, 65)), tuple(np.linspace(-0.25, 1.25, 65)))
+    run = pipeline.run_model_detailed(ct_series, spec, backend, _ref(spec, backend), want_label_map=False,
+                                      drift_edges=edges)
+    assert run.summary is not None and len(run.summary.intensity_counts) == 64
+    assert set(run.summary.label_fractions) == set(SEG_LABELS[1:])
+    assert set(run.prediction.timings_ms) == {"load", "preprocess", "inference", "postprocess"}  # unchanged
+
+    broken = DriftEdges((1.0, 0.0), (0.0, 1.0))  # decreasing: summarising raises inside
+    with caplog.at_level("WARNING", logger="agent.inference.pipeline"):
+        bad = pipeline.run_model_detailed(ct_series, spec, backend, _ref(spec, backend), want_label_map=False,
+                                          drift_edges=broken)
+    assert bad.summary is None and bad.prediction.outputs == run.prediction.outputs
+    assert any(r.getMessage() == "pipeline.summary_failed" for r in caplog.records)

@@ -19,7 +19,7 @@ import pytest
 from test_pipeline import write_ct_series, write_model_dir
 
 from agent.core.types import ClassificationOutput, Instance, SegmentationOutput, Series
-from agent.inference.runner import FAULT_ENV, InferenceJob, InferenceRunner, JobOutcome
+from agent.inference.runner import FAULT_ENV, InferenceJob, InferenceRunner, JobOutcome, ModelFile
 
 REPO = Path(__file__).resolve().parents[1]
 GRACE_S = 1.0
@@ -125,6 +125,7 @@ def test_jobs_run_in_a_warm_worker(runner: InferenceRunner, env: Env) -> None:
         "fp32",
     )
     assert set(seg.prediction.timings_ms) == {"load", "preprocess", "inference", "postprocess"}
+    assert seg.summary is None  # the job carried no drift edges
 
     cls = runner.submit(InferenceJob("job-cls", env.series, "tiny-cls", env.cls, env.cls / "model.onnx"))
     assert_ok(cls)
@@ -337,3 +338,27 @@ def test_prefetched_series_is_used_once_and_only_for_the_same_files(
     broken = runner.submit(seg_job(env, "job-broken", series=series))
     assert broken.kind == "error" and "not a readable DICOM file" in broken.error
     assert runner.worker_pid == pid
+
+
+def test_a_job_with_drift_edges_returns_the_series_summary(runner: InferenceRunner, env: Env) -> None:
+    import numpy as np
+
+    from agent.core.drift import DriftEdges
+
+    edges = DriftEdges(tuple(np.linspace(-500, 1900, 65)), tuple(np.linspace(-0.25, 1.25, 65)))
+    outcome = runner.submit(seg_job(env, "job-drift", drift_edges=edges))
+    assert_ok(outcome)
+    s = outcome.summary
+    assert s is not None and len(s.intensity_counts) == 64 and sum(s.input_counts) > 0
+    assert s.numeric["n_slices"] == 6 and s.numeric["kvp"] == 120.0 and s.categorical["manufacturer"]
+    assert s.label_fractions["liver"] > 0
+    # the shadow run does not replace it, and a cls job gets its own kind of summary
+    with_shadow = runner.submit(seg_job(env, "job-drift-shadow", drift_edges=edges,
+                                        shadow=ModelFile(env.seg / "model.onnx", variant="fp32-shadow")))
+    assert_ok(with_shadow)
+    assert with_shadow.shadow is not None and with_shadow.shadow.agreement == 1.0
+    assert with_shadow.summary == s
+    cls = runner.submit(InferenceJob("job-drift-cls", env.series, "tiny-cls", env.cls, env.cls / "model.onnx",
+                                     drift_edges=edges))
+    assert_ok(cls)
+    assert cls.summary is not None and cls.summary.predicted_class is not None and cls.summary.entropy is not None

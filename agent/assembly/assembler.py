@@ -60,6 +60,7 @@ class DueSeries:
     revision: int
     n_instances: int
     models: tuple[str, ...]
+    last_instance_at: float = 0.0  # clock seconds of its last instance (the quiet period began)
 
 
 class SeriesAssembler:
@@ -194,7 +195,7 @@ class SeriesAssembler:
                       series_uid=row["series_uid"], instances=row["n_instances"],
                       revision=row["revision"], models=",".join(models) or "-")
             due.append(DueSeries(row["study_uid"], row["series_uid"], row["modality"],
-                                 row["revision"], row["n_instances"], models))
+                                 row["revision"], row["n_instances"], models, float(row["last_instance_at"])))
         return due
 
     def state(self, series_uid: str) -> SeriesState | None:

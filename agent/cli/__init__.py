@@ -1,6 +1,6 @@
 """``edge-agent``: run the daemon, check configuration, send DICOM, follow results, pull models now,
 list the models with every variant as measured here (``models``), show what this device can run
-(``probe``).
+(``probe``), watch the whole fleet (``fleet``, agent/cli/fleet.py).
 
 ``main(argv)`` takes the command line and returns the exit code. The CLI is the outermost edge: it
 turns domain errors into one clear line on stderr and an exit code (2 for bad input/config, 1 for a
@@ -281,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--quick", action="store_true",
                        help="do not start a child interpreter to list backend providers/devices")
     probe.set_defaults(func=cmd_probe)
+
+    from agent.cli.fleet import add_fleet_parser  # light: the MQTT client and rich load when it runs
+
+    add_fleet_parser(sub)
     return p
 
 

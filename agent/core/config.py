@@ -242,6 +242,12 @@ class DriftConfig(_Section):
     hysteresis_series: int = Field(
         5, ge=1, description="Consecutive series at a lower level before a model's state steps down (alert -> warn -> ok)."
     )
+    thresholds: Literal["model", "signal"] = Field(
+        "model",
+        description="Calibrate warn/alert so that a model on unchanged data reaches warn in ~1% of windows "
+        "(model: family-wise over all its signals) or so that each signal does (signal: then a model with ~15 "
+        "signals sits at warn or worse ~20% of the time; see docs/drift.md).",
+    )
     k_anonymity: int = Field(
         5, ge=1, description="Categories seen fewer times than this in the window are published as 'other'."
     )

@@ -9,6 +9,9 @@ of series says against the reference, and the per-model state.
                    exactly as the reference was binned.
 ``DriftSignal``    one signal's verdict over the window (``input.intensity``, ``metadata.kvp``, ...)
 ``DriftReport``    one model's drift message (``{prefix}/{device_id}/drift``)
+``DriftTransition`` a model's state changed (``drift.state_changed``): old and new state, the signals
+                   behind it, why (escalated, stepped down after hysteresis, reset by a new reference)
+``DriftUpdate``    what ``agent.drift.DriftMonitor.add`` returns: the new report and the transition, if any
 
 Nothing here holds a UID, a patient attribute or a single study's value.
 """
@@ -24,6 +27,9 @@ DriftState = Literal["ok", "warn", "alert"]
 DriftPhase = Literal["collecting", "monitoring", "no_reference"]
 
 DRIFT_STATES: tuple[DriftState, ...] = ("ok", "warn", "alert")
+#: why a model's state changed: a worse verdict (at once), ``hysteresis_series`` better verdicts in a
+#: row (one level down), or a new reference / model version (back to ok with a fresh window)
+TransitionReason = Literal["escalated", "stepped_down", "reset"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,8 @@ class SeriesSummary:
     confidence: float | None = None
     entropy: float | None = None
     label_fractions: Mapping[str, float] = field(default_factory=dict)
+    #: image statistics from the pixels (``noise``: see ``agent.imaging.summary.image_statistics``)
+    image: Mapping[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         """The form kept in a reference profile's ``series`` list and in the state database."""
@@ -64,6 +72,8 @@ class SeriesSummary:
                 doc[key] = getattr(self, key)
         if self.label_fractions:
             doc["label_fractions"] = dict(self.label_fractions)
+        if self.image:
+            doc["image"] = dict(self.image)
         return doc
 
     @classmethod
@@ -88,7 +98,7 @@ class SeriesSummary:
                        None if pred is None else str(pred),
                        None if conf is None else float(str(conf)),
                        None if ent is None else float(str(ent)),
-                       floats("label_fractions"))
+                       floats("label_fractions"), floats("image"))
         except (KeyError, AssertionError, TypeError, ValueError) as exc:
             raise ValueError(f"not a series summary: {exc!r}") from exc
 
@@ -134,3 +144,38 @@ class DriftReport:
     def responsible(self) -> tuple[str, ...]:
         """Names of the signals at the model's state (the ones behind a warn or alert)."""
         return tuple(s.name for s in self.signals if s.state == self.state and self.state != "ok")
+
+    def to_json(self) -> dict[str, object]:
+        """The drift message's body (aggregates only; see the module docstring)."""
+        return {"model": self.model, "version": self.version, "state": self.state, "phase": self.phase,
+                "window_size": self.window_size, "series_in_window": self.series_in_window,
+                "min_series": self.min_series, "since": self.since,
+                "responsible": list(self.responsible()), "signals": [s.to_json() for s in self.signals]}
+
+
+@dataclass(frozen=True)
+class DriftTransition:
+    """A model's drift state changed from ``old`` to ``new`` at ``at`` (epoch seconds).
+
+    ``signals``: the signals at the new state (the ones behind it; none when the new state is ok,
+    and none on a reset)."""
+
+    model: str
+    version: str
+    old: DriftState
+    new: DriftState
+    reason: TransitionReason
+    signals: tuple[str, ...]
+    at: float
+
+    def to_json(self) -> dict[str, object]:
+        return {"model": self.model, "version": self.version, "old": self.old, "new": self.new,
+                "reason": self.reason, "signals": list(self.signals), "at": self.at}
+
+
+@dataclass(frozen=True)
+class DriftUpdate:
+    """One series added to a model's window: the report now and, if the state changed, how."""
+
+    report: DriftReport
+    transition: DriftTransition | None = None

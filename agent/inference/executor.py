@@ -4,7 +4,8 @@
 raises for a request's failure (a bug in one model's code path becomes an ``error`` outcome, not a
 dead warm worker):
 
-    run(job, fault)       -> JobOutcome         the job's model (cached), the pipeline, the shadow
+    run(job, fault)       -> JobOutcome         the job's model (cached), the pipeline, the shadow,
+                                                the drift summary (when the job carries edges)
     trial(request)        -> TrialOutcome       a fresh load, one run, ``bench_runs`` timed runs
     validate(request)     -> ValidationOutcome  a fresh load, ``validation.predict`` over the set
     prefetch(paths)       -> PrefetchOutcome    the decoded series, kept for the next job on it
@@ -79,11 +80,12 @@ class Executor:
                 backend = FaultyBackend(backend, fault.partition("@")[0], self.memory_limit_mb)
             paths = [inst.path for inst in job.series.instances]
             volume = self._take_prefetched(paths)
+            run = pipeline.run_model_detailed(paths, spec, backend, ref, want_label_map=False, volume=volume,
+                                              drift_edges=job.drift_edges)
             if job.shadow is None:
-                prediction = pipeline.run_model(paths, spec, backend, ref, volume=volume)
-                return JobOutcome("ok", prediction)
-            run = pipeline.run_model_detailed(paths, spec, backend, ref, volume=volume)
-            return JobOutcome("ok", run.prediction, shadow=self._shadow(job, spec, paths, run.logits, volume))
+                return JobOutcome("ok", run.prediction, summary=run.summary)
+            return JobOutcome("ok", run.prediction, shadow=self._shadow(job, spec, paths, run.logits, volume),
+                              summary=run.summary)
         except MemoryError as exc:
             limit = self.memory_limit_mb or "none"
             why = exc or "allocation failed"

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from agent.core.drift import DriftEdges, SeriesSummary
 from agent.core.modelspec import ModelSpec
 from agent.core.types import Prediction, Series
 
@@ -57,7 +58,8 @@ class InferenceJob:
     ``spec``: the model spec when it does not come from ``model_dir/model.toml`` (a registry
     version carries it in its manifest). ``version``: the installed version the file belongs to
     ("" for models.dir). ``shadow``: also run this model file and report agreement (see
-    ``agent.inference.runner``).
+    ``agent.inference.runner``). ``drift_edges``: the histogram edges of the version's drift
+    reference profile; when set, a successful job also returns the series' ``SeriesSummary``.
     """
 
     job_id: str
@@ -72,6 +74,7 @@ class InferenceJob:
     spec: ModelSpec | None = None
     version: str = ""
     shadow: ModelFile | None = None
+    drift_edges: DriftEdges | None = None
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,10 @@ class ShadowOutcome:
 
 @dataclass(frozen=True)
 class JobOutcome:
-    """How a job ended (see ``agent.inference.runner`` for ``kind``). ``error`` is a one-line reason."""
+    """How a job ended (see ``agent.inference.runner`` for ``kind``). ``error`` is a one-line reason.
+    ``summary``: the series in aggregate for drift monitoring (``agent.imaging.summary``), from the
+    run whose prediction this is; None unless the job carried ``drift_edges`` and summarising
+    worked (its failure never fails the job)."""
 
     kind: JobKind
     prediction: Prediction | None = None
@@ -139,6 +145,7 @@ class JobOutcome:
     duration_ms: float = 0.0
     failure: FailureKind = ""
     shadow: ShadowOutcome | None = None
+    summary: SeriesSummary | None = None
 
     @property
     def ok(self) -> bool:

@@ -10,10 +10,17 @@ Stages and their ``timings_ms`` keys:
     inference    3D: sliding-window over ``patch_size`` with ``overlap``; 2D: one batch
     postprocess  segmentation: argmax in model space -> back to the source grid -> per-label stats
                  (volumes use the SOURCE spacing); classification: softmax -> label, confidence
+
+With ``drift_edges`` (the model's reference profile edges) a successful run also summarises the
+series for drift monitoring (``agent.imaging.summary.summarise`` on the volume, the model input and
+the outputs: ``ModelRun.summary``). That costs a few milliseconds, is not a stage of
+``timings_ms`` (the published timings stay the inference's), and its failure is logged and leaves
+``summary`` None: drift bookkeeping never fails a job.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,7 +29,9 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from agent.core.drift import DriftEdges, SeriesSummary
 from agent.core.errors import BackendError
+from agent.core.log import log_event
 from agent.core.modelspec import ModelSpec
 from agent.core.types import ModelRef, Outputs, Prediction, Volume
 from agent.imaging.postprocess import (
@@ -32,22 +41,27 @@ from agent.imaging.postprocess import (
 )
 from agent.imaging.preprocess import prepare, restore_label_map, source_grid_label_stats
 from agent.imaging.sliding_window import sliding_window_inference
+from agent.imaging.summary import summarise
 from agent.imaging.volume import load_series
 from agent.inference.base import Backend
 
+logger = logging.getLogger(__name__)
+
 
 class ModelRun(NamedTuple):
-    """``run_model_detailed``'s result (a tuple: ``prediction, label_map, logits = ...``).
+    """``run_model_detailed``'s result (a named tuple; read it by field name).
 
     ``label_map``: segmentation only, uint8 (z, y, x) on the source grid, after the spec's
     largest-component filter (applied in model space), i.e. the map the published statistics
     describe; None for classification or when not asked for. ``logits``: segmentation
-    (K, *model-space spatial) float32; classification (K,).
+    (K, *model-space spatial) float32; classification (K,). ``summary``: the series in aggregate
+    for drift monitoring, when ``drift_edges`` were given and summarising worked, else None.
     """
 
     prediction: Prediction
     label_map: npt.NDArray[np.uint8] | None
     logits: npt.NDArray[np.float32]
+    summary: SeriesSummary | None = None
 
 
 def run_model(
@@ -79,13 +93,15 @@ def run_model_detailed(
     sw_batch_size: int = 1,
     want_label_map: bool = True,
     volume: Volume | None = None,
+    drift_edges: DriftEdges | None = None,
 ) -> ModelRun:
     """Like ``run_model``, also returning the label map and logits (see ``ModelRun``).
 
     ``sw_batch_size``: patches per backend call in the 3D sliding window. ``want_label_map=False``
     skips restoring the source-grid label map (``label_map`` is then None; the statistics do
     not need it). ``volume``: the series already decoded from ``series_paths`` (a prefetch); the
-    load stage then costs nothing.
+    load stage then costs nothing. ``drift_edges``: summarise the series on these edges
+    (``ModelRun.summary``, see the module docstring).
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -146,9 +162,25 @@ def run_model_detailed(
     else:
         outputs = classification_outputs(logits, spec.labels)
     lap("postprocess")
+    summary = None if drift_edges is None else summary_or_none(volume, image, drift_edges, outputs, spec)
     return ModelRun(
-        Prediction(model=model_ref, task=spec.task, outputs=outputs, timings_ms=timings), label_map, logits
+        Prediction(model=model_ref, task=spec.task, outputs=outputs, timings_ms=timings), label_map, logits, summary
     )
+
+
+def summary_or_none(volume: Volume, model_input: npt.NDArray[np.float32], edges: DriftEdges, outputs: Outputs,
+                    spec: ModelSpec) -> SeriesSummary | None:
+    """``summarise``, or None (logged) when it fails: a job's result never depends on drift."""
+    t0 = time.perf_counter()
+    try:
+        summary = summarise(volume, model_input, edges, outputs, spec)
+    except Exception as exc:  # noqa: BLE001 - logged; any bug or odd input leaves the prediction good
+        log_event(logger, "pipeline.summary_failed", logging.WARNING, model=spec.name,
+                  error=f"{type(exc).__name__}: {exc}")
+        return None
+    log_event(logger, "pipeline.summarised", logging.DEBUG, model=spec.name,
+              ms=round((time.perf_counter() - t0) * 1000.0, 2))
+    return summary
 
 
 def _checked(

@@ -54,6 +54,7 @@ from agent.core.errors import (
 )
 from agent.core.events import AssociationRejected, DicomRejected, InstanceQuarantined
 from agent.core.log import log_event
+from agent.core.metrics import NO_METRICS, Metrics
 from agent.core.types import Event, Instance
 from agent.ingest.part10 import part10_bytes, store_request
 from agent.ingest.sopclasses import TRANSFER_SYNTAXES, VERIFICATION, unique
@@ -104,6 +105,7 @@ class ListenerState:
     on_instance: Callable[[Instance], None]
     on_event: Callable[[Event], None]
     socket_timeout: float | None
+    metrics: Metrics = NO_METRICS
     counts: dict[int, _Counts] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -210,6 +212,7 @@ def handle_store(event: PynetdicomEvent, spool: Spool, state: ListenerState) -> 
     Success only after the spool has made the bytes durable (``fdatasync`` of a pool file whose
     name is already durable) and journaled them; see ``agent.ingest.spool``.
     """
+    started = time.monotonic()
     calling_ae = _calling_ae(event)
     counts = state.count(event.assoc)
     command_uid = str(store_request(event).AffectedSOPInstanceUID or "")
@@ -248,8 +251,10 @@ def handle_store(event: PynetdicomEvent, spool: Spool, state: ListenerState) -> 
 
     # one check instead of building the fields of a record that is dropped (DEBUG is off in service)
     debug = logger.isEnabledFor(logging.DEBUG)
+    state.metrics.observe("receive", time.monotonic() - started)
     if created:
         counts.stored += 1
+        state.metrics.count("instances_received")
         if debug:
             log_event(logger, "instance.stored", logging.DEBUG, sop_instance_uid=instance.sop_instance_uid,
                       series_uid=instance.series_uid, transfer_syntax=instance.transfer_syntax,
@@ -261,6 +266,11 @@ def handle_store(event: PynetdicomEvent, spool: Spool, state: ListenerState) -> 
             log_event(logger, "instance.duplicate", logging.DEBUG, sop_instance_uid=instance.sop_instance_uid,
                       calling_ae=calling_ae)
     return STATUS_SUCCESS
+
+
+def handle_accepted(event: PynetdicomEvent, state: ListenerState) -> None:
+    """EVT_ACCEPTED: counted for telemetry (rejections are counted where they are reported)."""
+    state.metrics.count("associations_accepted")
 
 
 def handle_close(event: PynetdicomEvent, state: ListenerState) -> None:
@@ -294,6 +304,7 @@ class DicomListener:
         on_event: Callable[[Event], None],
         *,
         chunked_receive: bool = False,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.cfg = cfg
         self.spool = spool
@@ -307,6 +318,7 @@ class DicomListener:
             on_instance=on_instance,
             on_event=on_event,
             socket_timeout=cfg.network_timeout_s,
+            metrics=metrics,
         )
         # built now so a bad certificate path fails at construction, not at the first peer
         self._ssl_context = server_ssl_context(cfg.tls, handshake_timeout=cfg.acse_timeout_s) if cfg.tls.enabled else None
@@ -347,6 +359,7 @@ class DicomListener:
             (evt.EVT_CONN_OPEN, handle_open, [self.state]),
             (evt.EVT_REQUESTED, handle_requested, [self.state]),
             (evt.EVT_REJECTED, handle_rejected, [self.state]),
+            (evt.EVT_ACCEPTED, handle_accepted, [self.state]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.spool, self.state]),
             (evt.EVT_CONN_CLOSE, handle_close, [self.state]),
@@ -424,6 +437,7 @@ def parse_allowed_callers(
 def _refuse(state: ListenerState, counts: _Counts, refusal: DicomRejected | InstanceQuarantined, *,
             log: bool = True) -> int:
     counts.failed += 1
+    state.metrics.count("instances_quarantined" if isinstance(refusal, InstanceQuarantined) else "instances_refused")
     if log:
         log_event(logger, "store.refused", logging.WARNING,
                   **{**refusal.fields(), "status": f"0x{refusal.status:04X}"})
@@ -440,6 +454,7 @@ def _association_rejected(state: ListenerState, *, calling_ae: str, peer: str, r
                           result: int | None, source: int | None, diagnostic: int | None) -> None:
     rejection = AssociationRejected(calling_ae=calling_ae, peer=peer, reason=reason, result=result,
                                     source=source, diagnostic=diagnostic)
+    state.metrics.count("associations_rejected")
     log_event(logger, "association.rejected", logging.WARNING, **rejection.fields())
     state.emit(rejection.to_event(created_at=time.time()))
 

@@ -1,4 +1,5 @@
-"""Message payloads published over MQTT: results, events and device status.
+"""Message payloads published over MQTT: results, events and device status (telemetry and drift
+are built in ``agent.mqtt.monitoring`` and re-exported here).
 
 This is a public contract (documented in docs/mqtt.md): hospital fleet monitoring parses these
 messages. Every payload is compact UTF-8 JSON with a ``schema`` field naming its kind and major
@@ -12,8 +13,6 @@ reads them, so they cannot leak into any field.
 
 from __future__ import annotations
 
-import json
-import math
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -31,6 +30,13 @@ from agent.core.types import (
     SegmentationOutput,
 )
 from agent.core.util import iso_utc
+from agent.mqtt.monitoring import DRIFT_SCHEMA as DRIFT_SCHEMA
+from agent.mqtt.monitoring import TELEMETRY_SCHEMA as TELEMETRY_SCHEMA
+from agent.mqtt.monitoring import drift_payload as drift_payload
+from agent.mqtt.monitoring import parse_drift as parse_drift
+from agent.mqtt.monitoring import parse_telemetry as parse_telemetry
+from agent.mqtt.monitoring import telemetry_payload as telemetry_payload
+from agent.mqtt.wire import dumps, finite, jsonable, parse
 
 RESULT_SCHEMA = "edge-agent/result/1"
 EVENT_SCHEMA = "edge-agent/event/1"
@@ -63,23 +69,6 @@ def result_id(series_uid: str, model_name: str, model_version: str) -> str:
     if not series_uid or not model_name or not model_version:
         raise ValueError("result_id needs a series UID, a model name and a model version")
     return str(uuid.uuid5(RESULT_ID_NAMESPACE, f"{series_uid}|{model_name}|{model_version}"))
-
-
-def _dumps(doc: Mapping[str, Any]) -> bytes:
-    """Compact UTF-8 JSON; NaN/Infinity are refused because they are not JSON."""
-    try:
-        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-    except ValueError as exc:
-        raise PublishError(f"payload is not representable as JSON: {exc}") from exc
-
-
-def _finite(value: float, what: str) -> float:
-    f = float(value)
-    if not math.isfinite(f):
-        # A NaN confidence or volume is a model/pipeline bug: refuse to publish it rather than
-        # send a number a consumer would misread.
-        raise PublishError(f"{what} is not a finite number ({f!r})")
-    return f
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,33 +205,19 @@ class StatusMessage(BaseModel):
     reason: str | None = None
 
 
-def _parse(model: type[BaseModel], data: bytes | str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PublishError(f"not a JSON message: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise PublishError("message is not a JSON object")
-    try:
-        model.model_validate(doc)
-    except ValidationError as exc:
-        raise PublishError(f"message does not match {model.__name__}: {exc}") from exc
-    return doc
-
-
 def parse_result(data: bytes | str) -> dict[str, Any]:
     """Validate a result message; returns it as a dict, raises PublishError when it is invalid."""
-    return _parse(ResultMessage, data)
+    return parse(ResultMessage, data)
 
 
 def parse_event(data: bytes | str) -> dict[str, Any]:
     """Validate an event message; returns it as a dict, raises PublishError when it is invalid."""
-    return _parse(EventMessage, data)
+    return parse(EventMessage, data)
 
 
 def parse_status(data: bytes | str) -> dict[str, Any]:
     """Validate a status message; returns it as a dict, raises PublishError when it is invalid."""
-    return _parse(StatusMessage, data)
+    return parse(StatusMessage, data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,7 +240,7 @@ def _outputs_dict(outputs: SegmentationOutput | ClassificationOutput) -> dict[st
             "labels": {
                 str(name): {
                     "voxels": int(stats.voxels),
-                    "volume_ml": round(_finite(stats.volume_ml, f"volume of {name}"), 3),
+                    "volume_ml": round(finite(stats.volume_ml, f"volume of {name}"), 3),
                     "bbox": [int(v) for v in stats.bbox],
                 }
                 for name, stats in outputs.labels.items()
@@ -274,9 +249,9 @@ def _outputs_dict(outputs: SegmentationOutput | ClassificationOutput) -> dict[st
     if isinstance(outputs, ClassificationOutput):
         return {
             "label": str(outputs.label),
-            "confidence": round(_finite(outputs.confidence, "confidence"), 6),
+            "confidence": round(finite(outputs.confidence, "confidence"), 6),
             "probabilities": {
-                str(k): round(_finite(v, f"probability of {k}"), 6) for k, v in outputs.probabilities.items()
+                str(k): round(finite(v, f"probability of {k}"), 6) for k, v in outputs.probabilities.items()
             },
         }
     raise PublishError(f"unknown outputs type {type(outputs).__name__}")
@@ -315,12 +290,12 @@ def result_payload(
         "model": _model_dict(pred.model),
         "task": pred.task,
         "outputs": _outputs_dict(pred.outputs),
-        "timings_ms": {str(k): round(_finite(v, f"timing {k}"), 3) for k, v in pred.timings_ms.items()},
+        "timings_ms": {str(k): round(finite(v, f"timing {k}"), 3) for k, v in pred.timings_ms.items()},
         "created_at": result.created_at,
     }
     if include_patient_identifiers and patient is not None:
         doc["patient"] = _patient_dict(patient)
-    return _dumps(doc)
+    return dumps(doc)
 
 
 def event_payload(event: Event | TypedEvent, device_id: str) -> bytes:
@@ -339,24 +314,10 @@ def event_payload(event: Event | TypedEvent, device_id: str) -> bytes:
         "message": event.message,
         # default=str in _dumps would hide a bad value; convert explicitly: event fields are UIDs,
         # counts and reasons, anything else becomes its string form.
-        "fields": {str(k): _jsonable(v) for k, v in event.fields.items()},
+        "fields": {str(k): jsonable(v) for k, v in event.fields.items()},
         "created_at": iso_utc(event.created_at or None),
     }
-    return _dumps(doc)
-
-
-def _jsonable(value: object) -> Any:
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item"):  # numpy scalars
-        return _jsonable(value.item())
-    return str(value)
+    return dumps(doc)
 
 
 def _status_models(models: Iterable[ModelRef | status.ModelSummary]) -> list[dict[str, str]]:
@@ -399,7 +360,7 @@ def status_payload(
         "version": version,
         "started_at": started_at if isinstance(started_at, str) else iso_utc(started_at),
         "seq": int(seq),
-        "capabilities": {str(k): _jsonable(v) for k, v in (capabilities or {}).items()},
+        "capabilities": {str(k): jsonable(v) for k, v in (capabilities or {}).items()},
         "models": _status_models(models),
     }
     if device is not None:
@@ -409,7 +370,7 @@ def status_payload(
             raise PublishError(f"device summary does not match DeviceSummary: {exc}") from exc
     if reason is not None:
         doc["reason"] = reason
-    return _dumps(doc)
+    return dumps(doc)
 
 
 def restamp_status(
@@ -429,4 +390,4 @@ def restamp_status(
         doc.pop("reason", None)
     else:
         doc["reason"] = reason
-    return _dumps(doc)
+    return dumps(doc)

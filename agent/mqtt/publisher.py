@@ -20,6 +20,10 @@ How it works (see docs/mqtt.md for the consumer's view):
   paho's own queue is bounded (``max_queued_messages_set``) and we publish only while connected,
   so nothing piles up in memory during an outage: it stays on disk in the outbox.
 
+Publish latency (outbox row created -> its PUBACK, so an outage's backlog shows as latency) and
+each acknowledged row are reported to the ``Metrics`` given (``observe("publish", s)``,
+``count("messages_published")``). Telemetry and drift go through the outbox as its bounded kinds.
+
 Payloads are never logged (they may carry patient identifiers when configured to); logs name the
 topic, seq, mid and sizes.
 """
@@ -40,12 +44,16 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.core.config import MqttConfig
+from agent.core.drift import DriftReport
 from agent.core.errors import EdgeAgentError, PublishError
 from agent.core.events import TypedEvent
 from agent.core.log import log_event
+from agent.core.metrics import NO_METRICS, Metrics
 from agent.core.status import PublisherHealth
+from agent.core.telemetry import TelemetrySnapshot
 from agent.core.topics import Topics
 from agent.core.types import Event, Result
+from agent.mqtt.monitoring import drift_payload, telemetry_payload
 from agent.mqtt.outbox import Outbox, OutboxMessage
 from agent.mqtt.payloads import event_payload, restamp_status, result_payload
 
@@ -73,7 +81,8 @@ class MqttPublisher:
 
     ``reconnect_delay_s`` (min, max) bounds paho's exponential reconnect backoff;
     ``poll_interval_s`` is how often the drain looks at the outbox without a ``wake()`` (rows put
-    by another connection or process).
+    by another connection or process). ``metrics`` receives the publish latency of every
+    acknowledged outbox row (see the module docstring).
     """
 
     def __init__(
@@ -86,6 +95,7 @@ class MqttPublisher:
         on_command: Callable[[str, bytes], None] | None = None,
         reconnect_delay_s: tuple[float, float] = (1.0, 60.0),
         poll_interval_s: float = 1.0,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.cfg = cfg
         self.device_id = device_id
@@ -95,6 +105,7 @@ class MqttPublisher:
         self._on_command = on_command
         self._reconnect_delay_s = reconnect_delay_s
         self._poll_s = poll_interval_s
+        self._metrics = metrics
 
         # Everything below is shared between the caller, paho's network thread and the drain
         # thread; guarded by _cv. Never call into paho while holding _cv: paho calls on_publish
@@ -104,7 +115,8 @@ class MqttPublisher:
         self._gen = 0  # connection generation: bumped on every successful CONNACK
         self._window = 0  # outbox rows in flight on the current connection
         self._cursor = 0  # highest seq handed to paho on the current connection
-        self._inflight: dict[int, tuple[int | None, int]] = {}  # mid -> (seq or None=status, gen)
+        # mid -> (seq or None=status, gen, the row's created_at for the publish latency)
+        self._inflight: dict[int, tuple[int | None, int, float]] = {}
         self._early: dict[int, tuple[ReasonCode, float]] = {}  # mid -> (reason, monotonic time)
         self._wake = True
         self._stopping = False
@@ -305,6 +317,23 @@ class MqttPublisher:
         self.wake()
         return seq
 
+    def publish_telemetry(self, snapshot: TelemetrySnapshot, *, max_queued: int | None = None) -> int:
+        """Put the telemetry message of ``snapshot`` into the outbox and wake the drain; returns
+        the outbox seq. Beyond ``max_queued`` (default: the outbox's cap) the oldest telemetry rows
+        are dropped in the same transaction; results and events never are."""
+        payload = telemetry_payload(snapshot, self.device_id)
+        seq = self.outbox.put(self.topics.telemetry, payload, qos=1, kind="telemetry", max_queued=max_queued)
+        self.wake()
+        return seq
+
+    def publish_drift(self, report: DriftReport, seq: int, *, max_queued: int | None = None) -> int:
+        """Put ``report``'s drift message (``seq``: ``outbox.next_seq("drift")``) into the outbox,
+        bounded like telemetry, and wake the drain; returns the outbox seq."""
+        payload = drift_payload(report, self.device_id, seq)
+        row = self.outbox.put(self.topics.drift, payload, qos=1, kind="drift", max_queued=max_queued)
+        self.wake()
+        return row
+
     # ------------------------------------------------------------------------ paho callbacks
     # Each callback catches everything: an exception escaping a callback would end paho's
     # network thread (suppress_exceptions is off), and the device would silently stop
@@ -394,7 +423,7 @@ class MqttPublisher:
                     # returned to it): park the PUBACK for _register to claim.
                     self._early[mid] = (reason_code, time.monotonic())
                     return
-            self._settle(mid, entry[0], entry[1], reason_code)
+            self._settle(mid, entry[0], entry[1], reason_code, entry[2])
         except Exception:  # noqa: BLE001 - logged; paho's thread must survive
             logger.exception("mqtt.on_publish_failed", extra={"ea_fields": {"mid": mid}})
 
@@ -437,16 +466,16 @@ class MqttPublisher:
 
     # ------------------------------------------------------------------------- bookkeeping
 
-    def _register(self, mid: int, seq: int | None, gen: int) -> None:
-        """Record that ``mid`` carries outbox row ``seq`` (None: a status message)."""
+    def _register(self, mid: int, seq: int | None, gen: int, created_at: float = 0.0) -> None:
+        """Record that ``mid`` carries outbox row ``seq`` (None: a status message) made at ``created_at``."""
         with self._cv:
             early = self._early.pop(mid, None)
             if early is None:
-                self._inflight[mid] = (seq, gen)
+                self._inflight[mid] = (seq, gen, created_at)
                 return
-        self._settle(mid, seq, gen, early[0])
+        self._settle(mid, seq, gen, early[0], created_at)
 
-    def _settle(self, mid: int, seq: int | None, gen: int, reason: ReasonCode) -> None:
+    def _settle(self, mid: int, seq: int | None, gen: int, reason: ReasonCode, created_at: float = 0.0) -> None:
         """Handle the PUBACK of ``mid``: delete the row on success, schedule a retry otherwise."""
         failed = reason.is_failure
         with self._cv:
@@ -465,7 +494,10 @@ class MqttPublisher:
         if failed:
             log_event(logger, "mqtt.publish_rejected", logging.ERROR, seq=seq, mid=mid, reason=str(reason))
             return
-        self.outbox.ack(seq)
+        if self.outbox.ack(seq):
+            # only the first PUBACK of a row: paho's re-send after a reconnect may bring a second
+            self._metrics.observe("publish", max(0.0, time.time() - created_at))
+            self._metrics.count("messages_published")
         with self._cv:
             self._retry_delay = 1.0
         logger.debug("mqtt.acked", extra={"ea_fields": {"seq": seq, "mid": mid}})
@@ -551,7 +583,7 @@ class MqttPublisher:
             if gen == self._gen:
                 self._window += 1
                 self._cursor = max(self._cursor, row.seq)
-        self._register(info.mid, row.seq, gen)
+        self._register(info.mid, row.seq, gen, row.created_at)
         self.outbox.mark_attempt(row.seq)
         logger.debug("mqtt.sent", extra={"ea_fields": {"seq": row.seq, "mid": info.mid, "topic": row.topic,
                                                        "size": len(row.payload)}})

@@ -21,6 +21,7 @@ from agent.core.config import PipelineConfig
 from agent.core.errors import EdgeAgentError
 from agent.core.events import SeriesUnrouted
 from agent.core.log import log_event
+from agent.core.metrics import NO_METRICS, Metrics
 from agent.core.types import Instance
 from agent.mqtt.outbox import Outbox
 from agent.service.event_sink import EventSink
@@ -61,7 +62,8 @@ class PrefetchOffers:
 class AssemblyLoop:
     def __init__(self, cfg: PipelineConfig, assembler: SeriesAssembler, jobs: JobStore, outbox: Outbox,
                  events: EventSink, janitor: Janitor, prefetch: PrefetchOffers,
-                 jobs_ready: threading.Event) -> None:
+                 jobs_ready: threading.Event, metrics: Metrics = NO_METRICS) -> None:
+        self.metrics = metrics
         self.cfg = cfg
         self.assembler = assembler
         self.jobs = jobs
@@ -93,6 +95,9 @@ class AssemblyLoop:
                 self.jobs.create(due.series_uid, due.study_uid, name, due.revision)
             if due.models:
                 self.jobs_ready.set()
+                self.metrics.count("series_completed")
+                # last instance -> jobs exist: the quiet period plus this loop's own delay
+                self.metrics.observe("assemble", max(0.0, self.assembler.clock() - due.last_instance_at))
         self._offer_prefetch()
         for key in self.jobs.inferred_keys():
             if not self.outbox.has(key):

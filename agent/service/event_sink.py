@@ -11,13 +11,16 @@ import queue
 import time
 from collections.abc import Callable
 
+from agent.core.metrics import NO_METRICS, Metrics
 from agent.core.types import Event
 from agent.mqtt import payloads
 from agent.mqtt.outbox import Outbox
+from agent.telemetry import count_event
 
 
 class EventSink:
-    def __init__(self, topic: str, device_id: str) -> None:
+    def __init__(self, topic: str, device_id: str, metrics: Metrics = NO_METRICS) -> None:
+        self._metrics = metrics
         self._topic = topic
         self._device_id = device_id
         self._queue: queue.Queue[Event] = queue.Queue()
@@ -27,6 +30,7 @@ class EventSink:
         """Report ``event`` (any thread); stamped now unless it carries its own time."""
         if not event.created_at:
             event = Event(event.kind, event.severity, event.message, event.fields, time.time())
+        count_event(self._metrics, event)  # fallbacks, demotions, failed jobs for telemetry
         self._queue.put(event)
 
     def on_written(self, wake: Callable[[], None]) -> None:

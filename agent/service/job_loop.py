@@ -24,6 +24,7 @@ from agent.core.config import Config
 from agent.core.errors import EdgeAgentError
 from agent.core.events import JobFailed
 from agent.core.log import log_event
+from agent.core.metrics import NO_METRICS, Metrics, Stage
 from agent.core.topics import Topics
 from agent.core.types import ModelRef, Result, Series
 from agent.core.util import iso_utc
@@ -31,17 +32,24 @@ from agent.inference.runner import InferenceRunner
 from agent.ingest.spool import Spool
 from agent.mqtt import payloads
 from agent.service.assembly_loop import PrefetchOffers
+from agent.service.drift_feed import DriftFeed
 from agent.service.event_sink import EventSink
 from agent.service.stages import JobStages
 from agent.variants import VariantManager
 
 log = logging.getLogger(__name__)
 
+#: stages the inference pipeline times itself (Prediction.timings_ms, milliseconds)
+_TIMED_STAGES: tuple[Stage, ...] = ("load", "preprocess", "inference", "postprocess")
+
 
 class JobLoop:
     def __init__(self, cfg: Config, topics: Topics, stages: JobStages, spool: Spool, runner: InferenceRunner,
                  variants: VariantManager, events: EventSink, prefetch: PrefetchOffers,
-                 jobs_ready: threading.Event) -> None:
+                 jobs_ready: threading.Event, metrics: Metrics = NO_METRICS,
+                 drift: DriftFeed | None = None) -> None:
+        self.metrics = metrics
+        self.drift = drift
         self.cfg = cfg
         self.topics = topics
         self.db = stages
@@ -114,9 +122,15 @@ class JobLoop:
             self.db.outbox.put(self.topics.results, payload, qos=1, kind="result", dedup_key=key,
                                in_transaction=True)
             self.db.jobs.mark(job.job_id, INFERRED, result_key=key, conn=self.db.conn)
+        self.metrics.count("jobs_inferred")
+        for stage in _TIMED_STAGES:
+            if stage in pred.timings_ms:
+                self.metrics.observe(stage, pred.timings_ms[stage] / 1000.0)
         log_event(log, "job.inferred", job_id=job.job_id, model=ref.name, variant=ref.variant,
                   revision=job.revision, ms=timings.get("queue_to_result"))
         self.on_result()
+        if self.drift is not None and outcome.summary is not None:
+            self.drift.series(ref.name, ref.version, outcome.summary)
 
     def _failed(self, job: Job, error: str, kind: str) -> None:
         state = self.db.jobs.retry_or_fail(job.job_id, error, self.cfg.pipeline.max_attempts)

@@ -37,10 +37,13 @@ from agent.ingest import DEFAULT_STORAGE_SOP_CLASSES, DicomListener
 from agent.mqtt import payloads
 from agent.mqtt.publisher import MqttPublisher
 from agent.service.assembly_loop import AssemblyLoop, PrefetchOffers
+from agent.service.drift_feed import DriftFeed
 from agent.service.event_sink import EventSink
 from agent.service.janitor import Janitor
 from agent.service.job_loop import JobLoop
 from agent.service.stages import Stages, build_stages
+from agent.service.telemetry_loop import TelemetryLoop
+from agent.telemetry import PrometheusExporter, TelemetryCollector
 from agent.updates.updater import ModelUpdater, updater_from_config
 
 log = logging.getLogger(__name__)
@@ -76,8 +79,10 @@ class Service:
         self._birth_seq = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # what every stage measures, turned into telemetry (MQTT and /metrics) by its own thread
+        self.metrics = TelemetryCollector()
         # before the stages, so the variant manager can report events from its first activation on
-        self.events = events or EventSink(self.topics.events, cfg.device_id)
+        self.events = events or EventSink(self.topics.events, cfg.device_id, self.metrics)
         self.stages = stages or build_stages(cfg, self.events.put, fault_injection=fault_injection)
         s = self.stages
         self.models: dict[str, ModelSpec] = s.variants.specs()
@@ -88,19 +93,26 @@ class Service:
         self.commands = self._command_dispatcher()
         self.publisher = MqttPublisher(cfg.mqtt, cfg.device_id, s.outbox, birth=self._birth,
                                        on_command=self.commands,
-                                       reconnect_delay_s=(1.0, max(1.0, cfg.mqtt.reconnect_max_s)))
+                                       reconnect_delay_s=(1.0, max(1.0, cfg.mqtt.reconnect_max_s)),
+                                       metrics=self.metrics)
         self.events.on_written(self.publisher.wake)
         jobs_ready = threading.Event()
         prefetch = PrefetchOffers()
         janitor = Janitor(cfg.storage, s.spool, s.assembler, s.jobs)
         self.assembly = AssemblyLoop(cfg.pipeline, s.assembler, s.jobs, s.outbox, self.events, janitor,
-                                     prefetch, jobs_ready)
+                                     prefetch, jobs_ready, self.metrics)
+        self.drift = (DriftFeed(cfg.drift, s.drift, s.variants, self.publisher, self.events.put)
+                      if s.drift is not None else None)
         self.job_loop = JobLoop(cfg, self.topics, s.job, s.spool, s.runner, s.variants, self.events,
-                                prefetch, jobs_ready)
+                                prefetch, jobs_ready, self.metrics, self.drift)
+        self.exporter = PrometheusExporter(cfg.metrics.listen) if cfg.metrics.listen else None
+        self.telemetry = TelemetryLoop(cfg, self.metrics, s.telemetry_jobs, self.publisher, s.variants,
+                                       s.runner, self.exporter)
         self.job_loop.on_result = self.publisher.wake
         self._jobs_ready = jobs_ready
         self.listener = DicomListener(cfg.dicom, s.spool, sop_classes_for(self.specs),
-                                      on_instance=self.assembly.instances.put, on_event=self.events.put)
+                                      on_instance=self.assembly.instances.put, on_event=self.events.put,
+                                      metrics=self.metrics)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -116,11 +128,15 @@ class Service:
         # choices are reused (milliseconds); a version new to this device is self-tested and timed
         s.variants.start()
         self.publisher.start()
+        if self.drift is not None:
+            self.drift.start(list(self.models))  # references loaded, a first drift message each
+        if self.exporter is not None:
+            self.exporter.start()  # /metrics on loopback ([metrics] listen)
         self.commands.start()
         if self.updater is not None:
             self.updater.start_polling()  # registry.poll_interval_s; 0: only on cmd/update
         loops: tuple[tuple[Callable[[threading.Event], None], str], ...] = (
-            (self.assembly.run, "assembly"), (self.job_loop.run, "jobs"))
+            (self.assembly.run, "assembly"), (self.job_loop.run, "jobs"), (self.telemetry.run, "telemetry"))
         for target, name in loops:
             t = threading.Thread(target=target, args=(self._stop,), name=f"edge-{name}", daemon=True)
             t.start()
@@ -140,6 +156,8 @@ class Service:
         self.commands.stop()
         self.stages.runner.stop()
         self.stages.variants.close()
+        if self.exporter is not None:
+            self.exporter.stop()
         self.publisher.stop(timeout=5)
         self.stages.spool.close()
         log_event(log, "service.stopped")

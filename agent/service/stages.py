@@ -17,6 +17,7 @@ from agent.assembly import JobStore, SeriesAssembler
 from agent.core import db
 from agent.core.config import Config
 from agent.core.types import Event
+from agent.drift import DriftMonitor
 from agent.inference.runner import InferenceRunner
 from agent.ingest.spool import Spool
 from agent.mqtt.outbox import Outbox
@@ -37,7 +38,7 @@ class JobStages:
 @dataclass(frozen=True)
 class Stages:
     """Everything the service wires together. ``jobs``/``outbox`` are the assembly thread's;
-    ``job`` is the job thread's."""
+    ``job`` is the job thread's; ``telemetry_jobs`` the telemetry thread's (queue depth)."""
 
     spool: Spool
     assembler: SeriesAssembler
@@ -47,6 +48,8 @@ class Stages:
     runner: InferenceRunner
     store: ModelStore
     variants: VariantManager
+    telemetry_jobs: JobStore
+    drift: DriftMonitor | None  # None: drift.enabled is false
 
 
 def build_stages(cfg: Config, on_event: Callable[[Event], None], *, fault_injection: bool = False) -> Stages:
@@ -71,9 +74,14 @@ def build_stages(cfg: Config, on_event: Callable[[Event], None], *, fault_inject
         spool=spool,
         assembler=assembler,
         jobs=JobStore(asm_conn),
-        outbox=Outbox(db.connect(cfg.db_path)),
+        # telemetry and drift get a bounded share of the outbox; results and events never drop
+        outbox=Outbox(db.connect(cfg.db_path),
+                      caps={"telemetry": cfg.telemetry.max_queued, "drift": cfg.drift.max_queued}),
         job=JobStages(job_conn, JobStore(job_conn), Outbox(job_conn)),
         runner=runner,
         store=store,
         variants=variants,
+        telemetry_jobs=JobStore(db.connect(cfg.db_path)),
+        drift=DriftMonitor(db.connect(cfg.db_path), cfg.drift, familywise=cfg.drift.thresholds == "model")
+        if cfg.drift.enabled else None,
     )

@@ -7,9 +7,14 @@
   read once per install record (committed versions never change), ActivationError when it is not
   installed or unreadable;
 * ``local``: models.dir folders holding a ``model.toml`` and its FP32 ONNX, by model name;
-* ``specs()``: the spec of every model served (the current registry version's overrides models.dir).
+* ``specs()``: the spec of every model served (the current registry version's overrides models.dir);
+* ``local_drift(model)``: a models.dir model's drift reference profile, ``drift.json`` beside its
+  ONNX file (``agent.core.manifest.DriftProfile`` JSON, what ``edge-deploy drift-profile`` writes);
+  None when absent or invalid (logged once per file version). A registry version's profile is its
+  manifest's ``drift``.
 
-``model_file(version, variant)`` is what the inference worker is handed to run one variant.
+``model_file(version, variant)`` is what the inference worker is handed to run one variant;
+``drift_edges(profile)`` the histogram edges a job carries to have the worker summarise its series.
 """
 
 from __future__ import annotations
@@ -19,15 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.core.config import Config
+from agent.core.drift import DriftEdges
 from agent.core.errors import ActivationError, ModelSpecError, RegistryError
 from agent.core.log import log_event
-from agent.core.manifest import Manifest, Variant, parse_manifest
+from agent.core.manifest import DriftProfile, Manifest, Variant, parse_manifest
 from agent.core.modelspec import ModelSpec, load_spec
 from agent.core.util import sha256_bytes
 from agent.inference.runner import ModelFile
 from agent.updates.store import InstalledVersion, ModelStore
 
 logger = logging.getLogger(__name__)
+
+#: a models.dir model's drift reference profile, beside its ONNX file
+DRIFT_FILE = "drift.json"
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,11 @@ def model_file(inst: InstalledVersion, v: Variant) -> ModelFile:
     return ModelFile(inst.path / v.file, v.backend, v.precision, v.id, dict(v.options))
 
 
+def drift_edges(profile: DriftProfile) -> DriftEdges:
+    """The histogram edges of a reference profile, as a job carries them to the worker."""
+    return DriftEdges(tuple(profile.intensity.edges), tuple(profile.model_input.edges))
+
+
 class InstalledModels:
     """See the module docstring. ``local`` is scanned once, at construction (ModelSpecError when a
     model.toml is invalid)."""
@@ -52,6 +66,8 @@ class InstalledModels:
         self.cfg = cfg
         self.store = store
         self._manifests: dict[tuple[str, str], InstalledManifest] = {}
+        #: models.dir drift.json files read: path -> ((mtime_ns, size), profile or None if invalid)
+        self._drift: dict[Path, tuple[tuple[int, int], DriftProfile | None]] = {}
         self.local = self._scan_models_dir()
 
     def _scan_models_dir(self) -> dict[str, tuple[ModelSpec, Path]]:
@@ -70,6 +86,30 @@ class InstalledModels:
                 continue
             found[spec.name] = (spec, toml.parent)
         return found
+
+    def local_drift(self, model: str) -> DriftProfile | None:
+        """The drift profile beside models.dir ``model``'s ONNX file, re-read when the file changes
+        (regenerating it needs no restart); None when the model, the file or a valid profile is missing."""
+        if model not in self.local:
+            return None
+        spec, folder = self.local[model]
+        path = (folder / spec.onnx).parent / DRIFT_FILE
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        stamp = (st.st_mtime_ns, st.st_size)
+        cached = self._drift.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        profile: DriftProfile | None = None
+        try:
+            profile = DriftProfile.model_validate_json(path.read_bytes())
+        except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            log_event(logger, "model.drift_profile_invalid", logging.WARNING, model=model, path=str(path),
+                      error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        self._drift[path] = (stamp, profile)
+        return profile
 
     def registry_models(self) -> list[str]:
         """Models with an installed current version (filtered by models.enabled)."""

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.core.config import Config
+from agent.core.drift import DriftEdges
 from agent.core.errors import ActivationError, BackendError, RegistryError
 from agent.core.events import (
     EngineDemoted,
@@ -44,6 +45,7 @@ from agent.core.events import (
     EngineShadowDisagreement,
 )
 from agent.core.log import log_event
+from agent.core.manifest import DriftProfile
 from agent.core.modelspec import ModelSpec
 from agent.core.types import Series
 from agent.inference.runner import InferenceJob, JobOutcome, ModelFile
@@ -51,7 +53,7 @@ from agent.variants.activation import Activation, Activator
 from agent.variants.choices import ChoiceStore
 from agent.variants.events import Notifier
 from agent.variants.guard import JobGuard
-from agent.variants.installed import InstalledModels, model_file
+from agent.variants.installed import InstalledModels, drift_edges, model_file
 from agent.variants.selftest import agrees
 
 logger = logging.getLogger(__name__)
@@ -61,7 +63,9 @@ Submit = Callable[[InferenceJob], JobOutcome]
 
 @dataclass(frozen=True)
 class VariantPlan:
-    """How the next job of ``model`` runs: ``primary`` first, ``fallback`` (FP32) when it fails."""
+    """How the next job of ``model`` runs: ``primary`` first, ``fallback`` (FP32) when it fails.
+    ``drift``: the version's drift reference profile (the manifest's, or models.dir's ``drift.json``),
+    whose edges every job carries so the worker summarises the series on them."""
 
     model: str
     version: str  # "" for a models.dir model
@@ -69,11 +73,17 @@ class VariantPlan:
     model_dir: Path
     primary: ModelFile
     fallback: ModelFile | None
+    drift: DriftProfile | None = None
+
+    @property
+    def drift_edges(self) -> DriftEdges | None:
+        return None if self.drift is None else drift_edges(self.drift)
 
     def job(self, job_id: str, series: Series, model: ModelFile, shadow: ModelFile | None = None) -> InferenceJob:
         return InferenceJob(job_id, series, self.model, self.model_dir, model.variant_file, model.backend,
                             model.precision, model.variant, model.backend_options,
-                            spec=self.spec if self.version else None, version=self.version, shadow=shadow)
+                            spec=self.spec if self.version else None, version=self.version, shadow=shadow,
+                            drift_edges=self.drift_edges)
 
 
 class JobPath:
@@ -114,7 +124,8 @@ class JobPath:
         chosen = inst.manifest.variant(fb if act.variant in demoted else act.variant)
         spec = ModelSpec.model_validate(inst.manifest.spec)
         fallback = None if chosen.id == fb else model_file(inst.version, inst.manifest.variant(fb))
-        plan = VariantPlan(model, version, spec, inst.version.path, model_file(inst.version, chosen), fallback)
+        plan = VariantPlan(model, version, spec, inst.version.path, model_file(inst.version, chosen), fallback,
+                           inst.manifest.drift)
         self.plans[model] = plan
         return plan
 
@@ -124,7 +135,7 @@ class JobPath:
                                f"{self.cfg.models.dir}")
         spec, folder = self.models.local[model]
         plan = VariantPlan(model, "", spec, folder, ModelFile(folder / spec.onnx, "onnxruntime", "fp32", "fp32"),
-                           None)
+                           None, self.models.local_drift(model))
         self.plans[model] = plan
         return plan
 

@@ -8,6 +8,9 @@
     selftest(...)              re-run the self-tests now (MQTT cmd/selftest) -> list[SelfTestReport]
     summary()                  the status message's models[] -> list[ModelSummary] (report.py)
     describe()                 what `edge-agent models` prints -> list[ModelStatus] (report.py)
+    drift_profile(model)       (version, DriftProfile) of what serves the model now, for the drift
+                               monitor; the jobs' outcomes carry each series' summary on its edges
+    shadow_agreement(model)    the active variant's agreement rate with FP32 over the shadow window
 
 Takes the configuration, the ModelStore, the state database's path and an ``on_event`` callback
 for operator events (``engine.*``); the records it returns are agent.core.status's. The parts it
@@ -25,6 +28,7 @@ from agent.core.config import Config
 from agent.core.errors import ActivationError, BackendError, RegistryError
 from agent.core.events import EngineSelftest, EngineSelftestFailed
 from agent.core.log import log_event
+from agent.core.manifest import DriftProfile
 from agent.core.modelspec import ModelSpec
 from agent.core.status import ModelStatus, ModelSummary, SelfTestReport
 from agent.core.types import Event, Series
@@ -156,3 +160,32 @@ class VariantManager:
         """Installed models, versions, every variant with its trial on this device, the active one and
         why (``edge-agent models``; ``to_json()`` for ``--json``)."""
         return report.describe(self.models, self.activator, self.choices, self.guard)
+
+    # ---- drift ---------------------------------------------------------------------------------
+    def drift_profile(self, model: str) -> tuple[str, DriftProfile] | None:
+        """The version and drift reference profile of what serves ``model`` now: the version the
+        last job ran (its manifest's ``drift``), or models.dir's ``drift.json`` (re-read when it
+        changes) with the spec's version; before any job, the current registry version's or
+        models.dir's, without activating anything. None when that has no profile (or the model is
+        unknown). A job's ``JobOutcome.summary`` is binned on this profile's edges."""
+        plan = self.jobs.plans.get(model)
+        if plan is not None and plan.version:
+            return None if plan.drift is None else (plan.version, plan.drift)
+        if plan is None and model in self.registry_models():
+            try:
+                version = self.store.current_version(model)
+                if version is not None:
+                    drift = self.models.installed(model, version).manifest.drift
+                    return None if drift is None else (version, drift)
+            except (ActivationError, RegistryError) as exc:
+                log_event(logger, "engine.drift_profile_unreadable", logging.WARNING, model=model, error=str(exc))
+                return None
+        drift = self.models.local_drift(model)
+        return None if drift is None else (self.models.local[model][0].version, drift)
+
+    def shadow_agreement(self, model: str) -> float | None:
+        """The share of shadow comparisons over the guard's window in which the variant running
+        ``model`` agreed with FP32; None before the first comparison in this process (or when FP32
+        itself runs: nothing to shadow)."""
+        stats = self.guard.stats(model)
+        return None if stats is None else stats.shadow_agreement

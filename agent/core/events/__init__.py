@@ -27,7 +27,7 @@ typed outcomes of ``cmd/update`` and ``cmd/rollback`` that ``command.completed``
 Fields hold UIDs, names, counts and reasons only: never patient identifiers.
 
 Modules: ``base`` (TypedEvent, field markers), ``reception`` (DICOM, series, jobs), ``updates``
-(model updates), ``engine`` (variant choice), ``commands`` (command events and results).
+(model updates), ``engine`` (variant choice), ``drift`` (drift state), ``commands`` (command events and results).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from agent.core.events.commands import (
     UpdateAction,
     UpdateOutcome,
 )
+from agent.core.events.drift import DriftStateChanged
 from agent.core.events.engine import (
     EngineActivated,
     EngineActivationFailed,
@@ -107,6 +108,7 @@ _KINDS: tuple[type[TypedEvent], ...] = (
     CommandRejected,
     CommandCompleted,
     CommandFailed,
+    DriftStateChanged,
 )
 
 #: every event kind the agent publishes: kind -> its class (docs/mqtt.md "Event kinds")
@@ -126,6 +128,7 @@ __all__ = [
     "CommandResult",
     "DataclassInstance",
     "DicomRejected",
+    "DriftStateChanged",
     "EngineActivated",
     "EngineActivationFailed",
     "EngineDemoted",
