@@ -230,9 +230,19 @@ def test_ct_drift_on_shifted_hu_and_thick_slices(rig: Rig) -> None:
         assert back[-1]["state"] == "ok", [m["state"] for m in back]
         print(f"CT back to ok after {next(i for i, m in enumerate(back) if m['state'] == 'ok') + 1} series: "
               f"{[m['state'] for m in back]}")
-    n = len(rig.drift(CT))
-    rig.send([ct(CT_SEED + 300, slice_thickness=8.0)], CT)
-    thick = rig.drift(CT)[n:]
+    # 8 mm slices, outside the reference's 1-5 mm: the out-of-range count's thresholds are
+    # calibrated too (36 reference volumes: warn at 1, alert at 6 here), so it warns at once and
+    # alerts within the window
+    thick: list[dict[str, Any]] = []
+    for i, seed in enumerate(range(CT_SEED + 300, CT_SEED + 320)):
+        rig.send([ct(seed, slice_thickness=8.0)], CT)
+        thick.append(rig.drift(CT)[-1])
+        signal = {x["name"]: x for x in thick[-1]["signals"]}["metadata.slice_thickness"]
+        if i == 0:
+            assert signal["state"] in ("warn", "alert"), signal
+        if signal["state"] == "alert":
+            break
     assert thick[-1]["state"] == "alert" and "metadata.slice_thickness" in thick[-1]["responsible"], thick[-1]
+    print(f"CT 8 mm slices: slice_thickness at alert after {len(thick)} series")
     json.dumps(rig.drift(CT))  # serialisable as received
     _no_phi_or_uids(rig, [])
