@@ -50,8 +50,7 @@ class EventSink:
         return n
 
     def write(self, outbox: Outbox, event: Event) -> None:
-        """Write one event to the outbox now (on the draining thread's connection)."""
-        if not event.created_at:
-            event = Event(event.kind, event.severity, event.message, event.fields, time.time())
+        """Write one event to the outbox now (on the draining thread's connection); an unstamped
+        event is stamped by ``event_payload``."""
         outbox.put(self._topic, payloads.event_payload(event, self._device_id), qos=1, kind="event")
         self._wake()
