@@ -22,7 +22,7 @@ import pytest
 from conftest import AgentProcess, Mosquitto, ResultCollector, free_port, storescu
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.mqtt.payloads import parse_drift, parse_event, parse_telemetry
+from agent.mqtt.payloads import parse_drift, parse_event, parse_result, parse_telemetry
 from deploy.synth import make_ct_phantom, make_mr_slice, write_ct_series, write_mr_series
 
 pytestmark = pytest.mark.slow
@@ -246,3 +246,41 @@ def test_ct_drift_on_shifted_hu_and_thick_slices(rig: Rig) -> None:
     print(f"CT 8 mm slices: slice_thickness at alert after {len(thick)} series")
     json.dumps(rig.drift(CT))  # serialisable as received
     _no_phi_or_uids(rig, [])
+
+
+def test_broker_outage_drops_old_telemetry_never_a_result(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """The agent as a user starts it, telemetry every 0.2 s with room for 5 in the outbox: while
+    the broker is down, series keep arriving; after it returns every result is
+    delivered, and the telemetry that came through shows the dropped ones as a gap in ``seq``."""
+    agent = AgentProcess(tmp_path, mosquitto.port, stable_age_s=0.5,
+                         extra_toml="[telemetry]\ninterval_s = 0.2\nmax_queued = 5\n")
+    agent.start(timeout=180)
+    try:
+        before = ResultCollector(mosquitto.port, "edge/+/telemetry")
+        before.wait_for(3, 30)
+        before.close()
+        last_seen = max(parse_telemetry(p)["seq"] for _t, p in before.messages)
+        mosquitto.stop()
+        folders = _mr(tmp_path, range(MR_SEED + 500, MR_SEED + 508))
+        proc = storescu(agent.dicom_port, [f for d in folders for f in sorted(d.glob("*.dcm"))])
+        assert proc.returncode == 0, proc.stdout[-2000:]
+        time.sleep(6)  # jobs done and ~30 telemetry snapshots taken while nobody listens
+        mosquitto.start()
+        collector = ResultCollector(mosquitto.port, "edge/#", persistent_id=None)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                results = [parse_result(p) for t, p in collector.messages if t.endswith("/results")]
+                if len(results) >= len(folders):
+                    break
+                time.sleep(0.3)
+            assert len({r["series_uid"] for r in results}) == len(folders)
+            telemetry = [parse_telemetry(p) for t, p in collector.messages if t.endswith("/telemetry")]
+            seqs = sorted(t["seq"] for t in telemetry)
+            # ~30 snapshots were taken during the outage; only the newest 5 were kept
+            assert seqs and seqs[0] > last_seen + 5, (last_seen, seqs[:8])
+            assert seqs[:5] == list(range(seqs[0], seqs[0] + 5)), seqs[:8]
+        finally:
+            collector.close()
+    finally:
+        agent.stop()
