@@ -86,6 +86,7 @@ class AssemblyLoop:
         return self.wait_s()
 
     def tick(self) -> None:
+        self._write_events()  # first too: a stall further down must still be announced
         self._record_instances()
         for due in self.assembler.pop_due(self._create_jobs):
             if due.refused:
@@ -104,6 +105,9 @@ class AssemblyLoop:
             if not self.outbox.has(key):
                 self.jobs.mark_published(key)
         self.janitor.tick()
+        self._write_events()
+
+    def _write_events(self) -> None:
         # the sink hands an event over as it writes it: take the write lock first, so a database
         # that refuses writes fails the tick here (retried) rather than in the middle of the drain
         with transaction(self.assembler.conn):  # this thread's own connection
