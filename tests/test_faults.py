@@ -283,3 +283,26 @@ def test_a_loop_that_cannot_recover_ends_the_process_non_zero(tmp_path: Path, mo
     log = agent.log_text()
     assert rc == 3, log[-3000:]
     assert "event=loop.failed" in log and "event=service.exiting" in log
+
+
+def test_a_job_that_hits_the_worker_memory_limit_is_refused_as_too_large(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    collector = ResultCollector(mosquitto.port, "edge/+/#")
+    # the MR job allocates past the worker's limit (the default, 8192 MB) and gets MemoryError
+    agent = _agent(tmp_path, mosquitto, cls=FaultyAgent, env={"EDGE_AGENT_FAULT": "oom@mr-brain-cls"})
+    agent.start()
+    files, uid = _mr_files(tmp_path, 80)
+    try:
+        assert storescu(agent.dicom_port, files).returncode == 0
+        refused = _wait_event(collector, "series.refused", timeout=120)
+        time.sleep(2)
+    finally:
+        agent.stop()
+        collector.close()
+    log = agent.log_text()
+    assert refused, log[-3000:]
+    assert refused[0]["fields"]["series_uid"] == uid
+    assert refused[0]["fields"]["limit"] == "pipeline.worker_memory_mb"
+    assert "limit 8192 MB" in refused[0]["fields"]["reason"]
+    assert len(re.findall(r"event=runner\.job_done", log)) == 1  # not retried
+    assert not [e for e in _events(collector) if e["kind"] in ("job.failed", "engine.fallback")]
