@@ -19,7 +19,14 @@ import pytest
 from test_pipeline import write_ct_series, write_model_dir
 
 from agent.core.types import ClassificationOutput, Instance, SegmentationOutput, Series
-from agent.inference.runner import FAULT_ENV, InferenceJob, InferenceRunner, JobOutcome, ModelFile, SeriesLimits
+from agent.inference.runner import (
+    FAULT_ENV,
+    InferenceJob,
+    InferenceRunner,
+    JobOutcome,
+    ModelFile,
+    SeriesLimits,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 GRACE_S = 1.0
