@@ -19,7 +19,14 @@ import pytest
 from test_pipeline import write_ct_series, write_model_dir
 
 from agent.core.types import ClassificationOutput, Instance, SegmentationOutput, Series
-from agent.inference.runner import FAULT_ENV, InferenceJob, InferenceRunner, JobOutcome, ModelFile
+from agent.inference.runner import (
+    FAULT_ENV,
+    InferenceJob,
+    InferenceRunner,
+    JobOutcome,
+    ModelFile,
+    SeriesLimits,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 GRACE_S = 1.0
@@ -160,6 +167,7 @@ def test_a_crashing_worker_is_replaced(
     monkeypatch.setenv(FAULT_ENV, fault)
     outcome = runner.submit(seg_job(env))
     assert outcome.kind == "crash" and reason in outcome.error, outcome
+    assert outcome.failure == "model"  # a crash by a signal other than SIGKILL may be the model's
     monkeypatch.delenv(FAULT_ENV)
     assert_ok(runner.submit(seg_job(env)))  # a fresh worker
     assert runner.worker_pid not in (None, pid)
@@ -184,9 +192,36 @@ def test_a_hanging_job_times_out(runner: InferenceRunner, env: Env, monkeypatch:
     outcome = runner.submit(seg_job(env))
     elapsed = time.monotonic() - t0
     assert outcome.kind == "timeout" and "SIGKILL" in outcome.error, outcome  # the hang ignores SIGTERM
+    assert outcome.failure == "resource"  # the budget ran out: never blamed on the model
     assert 2.0 <= elapsed < 2.0 + 2 * GRACE_S + 1.0
     monkeypatch.delenv(FAULT_ENV)
     assert_ok(runner.submit(seg_job(env)))
+
+
+def test_a_per_job_budget_overrides_the_default_timeout(
+    runner: InferenceRunner, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert_ok(runner.submit(seg_job(env)))
+    monkeypatch.setenv(FAULT_ENV, "hang")
+    t0 = time.monotonic()
+    outcome = runner.submit(seg_job(env), timeout_s=1.5)  # runner.job_timeout_s is 60
+    assert outcome.kind == "timeout" and "1.5 s" in outcome.error, outcome
+    assert time.monotonic() - t0 < 1.5 + 2 * GRACE_S + 1.0
+    monkeypatch.delenv(FAULT_ENV)
+
+
+def test_a_series_over_a_size_limit_is_refused_before_decoding(runner: InferenceRunner, env: Env) -> None:
+    assert_ok(runner.submit(seg_job(env, limits=SeriesLimits(max_instances=1000, max_rows=4096,
+                                                                  max_columns=4096, max_frames=1000))))
+    pid = runner.worker_pid
+    n = len(env.series.instances)
+    for limits, key in ((SeriesLimits(max_instances=n - 1), "series_limits.max_instances"),
+                        (SeriesLimits(max_rows=8), "series_limits.max_rows"),
+                        (SeriesLimits(max_columns=8), "series_limits.max_columns"),
+                        (SeriesLimits(max_frames=n - 1), "series_limits.max_frames")):
+        outcome = runner.submit(seg_job(env, limits=limits))
+        assert (outcome.kind, outcome.failure, outcome.limit) == ("refused", "input", key), outcome
+    assert runner.worker_pid == pid  # a refusal costs the warm worker nothing
 
 
 def test_out_of_memory_under_the_limit(

@@ -48,6 +48,7 @@ class SeriesState(str, enum.Enum):
     OPEN = "open"  # instances still arriving (or not quiet for stable_age_s yet)
     COMPLETE = "complete"  # quiet; jobs created for the models that want it
     UNROUTED = "unrouted"  # quiet; no model wants it (aged out of the spool later)
+    REFUSED = "refused"  # quiet; over series_limits.max_instances (aged out like unrouted)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ class DueSeries:
     n_instances: int
     models: tuple[str, ...]
     last_instance_at: float = 0.0  # clock seconds of its last instance (the quiet period began)
+    refused: str = ""  # why the series is refused as too large ("" when it is not)
+
+
+#: creates what follows a due series (its jobs) inside the transaction that completes it
+Successor = Callable[[sqlite3.Connection, DueSeries], None]
 
 
 class SeriesAssembler:
@@ -72,11 +78,14 @@ class SeriesAssembler:
         specs: Sequence[ModelSpec],
         stable_age_s: float,
         clock: Callable[[], float] = time.time,
+        max_instances: int = 0,
     ) -> None:
+        """``max_instances``: a larger series is refused when it falls due (0: no limit)."""
         self.conn = conn
         self.specs = list(specs)
         self.stable_age_s = stable_age_s
         self.clock = clock
+        self.max_instances = max_instances
         conn.executescript(SCHEMA)
 
     def note_instance(self, inst: Instance) -> bool:
@@ -97,9 +106,9 @@ class SeriesAssembler:
                 c.execute(
                     "INSERT INTO series (series_uid, study_uid, modality, description, body_part,"
                     " n_instances, first_instance_at, last_instance_at, state, revision)"
-                    " VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, 1)",
+                    " VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
                     (inst.series_uid, inst.study_uid, inst.modality, inst.series_description,
-                     inst.body_part, now, now, SeriesState.OPEN.value),
+                     inst.body_part, now, now, SeriesState.OPEN.value, _first_revision(c, inst.series_uid)),
                 )
                 return False
             reopened = row["state"] != SeriesState.OPEN.value
@@ -131,9 +140,9 @@ class SeriesAssembler:
                     c.execute(
                         "INSERT INTO series (series_uid, study_uid, modality, description, body_part,"
                         " n_instances, first_instance_at, last_instance_at, state, revision)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (series_uid, sp.study_uid, sp.modality, sp.description, sp.body_part, n, last, last,
-                         SeriesState.OPEN.value),
+                         SeriesState.OPEN.value, _first_revision(c, series_uid)),
                     )
                     fixed += 1
                 elif row["n_instances"] < n:
@@ -170,8 +179,16 @@ class SeriesAssembler:
         ).fetchone()
         return None if row is None or row["t"] is None else float(row["t"]) + self.stable_age_s
 
-    def pop_due(self) -> list[DueSeries]:
-        """Mark every series quiet for ``stable_age_s`` as complete (or unrouted) and return it."""
+    def pop_due(self, successor: Successor | None = None) -> list[DueSeries]:
+        """Mark every series quiet for ``stable_age_s`` as complete (or unrouted, or refused) and
+        return it.
+
+        ``successor(conn, due)`` is called inside the same transaction as the state change, on this
+        assembler's connection: the caller creates the series' jobs there, so a series is never
+        marked complete without its jobs (a failure rolls both back and the series stays open, due
+        again at the next call). A series over ``max_instances`` is marked refused (``due.refused``
+        says why) and gets no jobs.
+        """
         cutoff = self.clock() - self.stable_age_s
         due: list[DueSeries] = []
         rows = self.conn.execute(
@@ -179,8 +196,14 @@ class SeriesAssembler:
             (SeriesState.OPEN.value, cutoff),
         ).fetchall()
         for row in rows:
-            models = self.route(row["modality"], row["body_part"], row["description"], row["n_instances"])
-            state = SeriesState.COMPLETE if models else SeriesState.UNROUTED
+            refused = ""
+            if self.max_instances and row["n_instances"] > self.max_instances:
+                refused = f"{row['n_instances']} instances, over the limit of {self.max_instances}"
+            models = () if refused else self.route(row["modality"], row["body_part"], row["description"],
+                                                   row["n_instances"])
+            state = SeriesState.REFUSED if refused else SeriesState.COMPLETE if models else SeriesState.UNROUTED
+            item = DueSeries(row["study_uid"], row["series_uid"], row["modality"], row["revision"],
+                             row["n_instances"], models, float(row["last_instance_at"]), refused)
             with transaction(self.conn) as c:
                 # guarded by the old timestamp: an instance that arrived meanwhile keeps it open
                 cur = c.execute(
@@ -189,13 +212,13 @@ class SeriesAssembler:
                     (state.value, self.clock(), ",".join(models), row["series_uid"],
                      SeriesState.OPEN.value, row["last_instance_at"]),
                 )
+                if cur.rowcount == 1 and successor is not None:
+                    successor(c, item)
             if cur.rowcount != 1:
                 continue
-            log_event(log, "series.complete" if models else "series.unrouted",
-                      series_uid=row["series_uid"], instances=row["n_instances"],
+            log_event(log, f"series.{state.value}", series_uid=row["series_uid"], instances=row["n_instances"],
                       revision=row["revision"], models=",".join(models) or "-")
-            due.append(DueSeries(row["study_uid"], row["series_uid"], row["modality"],
-                                 row["revision"], row["n_instances"], models, float(row["last_instance_at"])))
+            due.append(item)
         return due
 
     def state(self, series_uid: str) -> SeriesState | None:
@@ -208,10 +231,10 @@ class SeriesAssembler:
         return row
 
     def expired_unrouted(self, older_than_s: float) -> list[str]:
-        """Unrouted series completed more than ``older_than_s`` ago (for the spool janitor)."""
+        """Unrouted (or refused) series completed more than ``older_than_s`` ago (for the janitor)."""
         rows = self.conn.execute(
-            "SELECT series_uid FROM series WHERE state = ? AND completed_at <= ?",
-            (SeriesState.UNROUTED.value, self.clock() - older_than_s),
+            "SELECT series_uid FROM series WHERE state IN (?, ?) AND completed_at <= ?",
+            (SeriesState.UNROUTED.value, SeriesState.REFUSED.value, self.clock() - older_than_s),
         ).fetchall()
         return [r["series_uid"] for r in rows]
 
@@ -224,5 +247,37 @@ class SeriesAssembler:
         ).fetchall()
         return [r["series_uid"] for r in rows]
 
-    def forget(self, series_uid: str) -> None:
-        self.conn.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))
+    def forget(self, series_uid: str, *, completed_before: float | None = None) -> bool:
+        """Delete the series' row; True when it was deleted.
+
+        With ``completed_before`` (the janitor), in one statement and only while the series is still
+        closed (complete, unrouted or refused) since at or before that time and none of its jobs is
+        open (pending, running, or inferred but not yet confirmed sent): an instance recorded or a
+        job created since the janitor chose it keeps the series, so its files stay too."""
+        if completed_before is None:
+            cur = self.conn.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))
+            return cur.rowcount == 1
+        open_jobs = ""
+        if _has_jobs_table(self.conn):
+            open_jobs = (" AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.series_uid = series.series_uid"
+                         " AND jobs.state IN ('pending', 'running', 'inferred'))")
+        cur = self.conn.execute(
+            "DELETE FROM series WHERE series_uid = ? AND state IN (?, ?, ?) AND completed_at <= ?" + open_jobs,
+            (series_uid, SeriesState.COMPLETE.value, SeriesState.UNROUTED.value, SeriesState.REFUSED.value,
+             completed_before),
+        )
+        return cur.rowcount == 1
+
+
+def _has_jobs_table(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone() is not None
+
+
+def _first_revision(conn: sqlite3.Connection, series_uid: str) -> int:
+    """The revision of a series the table does not hold: 1, or one past the newest revision its jobs
+    ever had. A series re-sent after retention swept it (row and files gone, its jobs kept) is a new
+    revision: a new job (its id names the revision) and a result that supersedes the old one."""
+    if not _has_jobs_table(conn):
+        return 1
+    row = conn.execute("SELECT MAX(revision) AS r FROM jobs WHERE series_uid = ?", (series_uid,)).fetchone()
+    return int(row["r"] or 0) + 1

@@ -1,9 +1,17 @@
 """The job table: one row per (series, model, revision), driven through its states.
 
 States: ``pending`` -> ``running`` -> ``inferred`` (result durably in the outbox) -> ``published``
-(PUBACK received); or ``failed`` after ``max_attempts``; or ``superseded`` when a late instance
-re-opened the series before the job ran. A restart turns ``running`` back into ``pending``
-(the attempt counts), so an interrupted job is never lost and never loops forever.
+(PUBACK received); or ``failed`` after ``max_attempts`` (or at once when refused as too large); or
+``superseded`` when a late instance re-opened the series before the job ran. A restart turns
+``running`` back into ``pending`` (the attempt counts), so an interrupted job is never lost and never
+loops forever.
+
+Fairness: ``claim_next`` takes the job with the fewest attempts first (then the oldest), and a failed
+attempt waits ``backoff_s`` (``not_before``) before it may run again: a retry goes behind newer work,
+so one slow or failing series delays another by at most one attempt.
+
+The job id names (series, model, revision); a series re-sent after retention comes back as a new
+revision (agent/assembly/assembler.py ``_first_revision``), so its id is new too.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT NOT NULL DEFAULT '',
     result_key TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    not_before REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
 CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_uid);
@@ -60,35 +69,50 @@ class JobStore:
         self.conn = conn
         self.clock = clock
         conn.executescript(SCHEMA)
+        columns = {r["name"] for r in conn.execute("PRAGMA table_info(jobs)").fetchall()}
+        if "not_before" not in columns:  # a database from before the column existed
+            conn.execute("ALTER TABLE jobs ADD COLUMN not_before REAL NOT NULL DEFAULT 0")
 
-    def create(self, series_uid: str, study_uid: str, model_name: str, revision: int) -> Job:
-        """Create the job for this revision (idempotent); older revisions' open jobs are superseded."""
+    def create(self, series_uid: str, study_uid: str, model_name: str, revision: int,
+               conn: sqlite3.Connection | None = None) -> Job:
+        """Create the job for this revision (idempotent) and return it; older revisions' open
+        jobs are superseded. Pass ``conn`` (inside a transaction) to take part in the caller's
+        transaction: the assembler completes a series and creates its jobs in one."""
         job_id = f"{series_uid}|{model_name}|{revision}"
-        now = self.clock()
-        with transaction(self.conn) as c:
-            c.execute(
-                "UPDATE jobs SET state = ?, updated_at = ? WHERE series_uid = ? AND model_name = ?"
-                " AND revision < ? AND state IN (?, ?)",
-                (SUPERSEDED, now, series_uid, model_name, revision, PENDING, RUNNING),
-            )
-            c.execute(
-                "INSERT OR IGNORE INTO jobs (job_id, series_uid, study_uid, model_name, revision,"
-                " state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, series_uid, study_uid, model_name, revision, PENDING, now, now),
-            )
-        return self.get(job_id)
+        if conn is not None:
+            self._create(conn, job_id, series_uid, study_uid, model_name, revision)
+        else:
+            with transaction(self.conn) as c:
+                self._create(c, job_id, series_uid, study_uid, model_name, revision)
+        return self.get(job_id, conn)
 
-    def get(self, job_id: str) -> Job:
-        row = self.conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    def _create(self, c: sqlite3.Connection, job_id: str, series_uid: str, study_uid: str, model_name: str,
+                revision: int) -> None:
+        now = self.clock()
+        c.execute(
+            "UPDATE jobs SET state = ?, updated_at = ? WHERE series_uid = ? AND model_name = ?"
+            " AND revision < ? AND state IN (?, ?)",
+            (SUPERSEDED, now, series_uid, model_name, revision, PENDING, RUNNING),
+        )
+        c.execute(
+            "INSERT OR IGNORE INTO jobs (job_id, series_uid, study_uid, model_name, revision,"
+            " state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, series_uid, study_uid, model_name, revision, PENDING, now, now),
+        )
+
+    def get(self, job_id: str, conn: sqlite3.Connection | None = None) -> Job:
+        row = (conn or self.conn).execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         if row is None:
             raise KeyError(job_id)
         return _job(row)
 
     def claim_next(self) -> Job | None:
-        """Oldest pending job, moved to ``running`` with its attempt counted."""
+        """The pending job with the fewest attempts (then the oldest) whose backoff has passed,
+        moved to ``running`` with its attempt counted."""
         with transaction(self.conn) as c:
             row = c.execute(
-                "SELECT * FROM jobs WHERE state = ? ORDER BY created_at, job_id LIMIT 1", (PENDING,)
+                "SELECT * FROM jobs WHERE state = ? AND not_before <= ?"
+                " ORDER BY attempts, created_at, job_id LIMIT 1", (PENDING, self.clock()),
             ).fetchone()
             if row is None:
                 return None
@@ -107,11 +131,16 @@ class JobStore:
             (state, error, result_key, result_key, self.clock(), job_id),
         )
 
-    def retry_or_fail(self, job_id: str, error: str, max_attempts: int) -> str:
-        """After a failed attempt: back to pending, or failed when attempts are used up."""
+    def retry_or_fail(self, job_id: str, error: str, max_attempts: int, backoff_s: float = 0.0) -> str:
+        """After a failed attempt: back to pending (not before ``backoff_s`` doubled per earlier
+        attempt), or failed when attempts are used up."""
         job = self.get(job_id)
         state = FAILED if job.attempts >= max_attempts else PENDING
-        self.mark(job_id, state, error=error)
+        not_before = self.clock() + backoff_s * 2 ** max(0, job.attempts - 1) if state == PENDING else 0.0
+        self.conn.execute(
+            "UPDATE jobs SET state = ?, error = ?, not_before = ?, updated_at = ? WHERE job_id = ?",
+            (state, error, not_before, self.clock(), job_id),
+        )
         return state
 
     def release(self, job_id: str) -> None:

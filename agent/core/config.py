@@ -24,6 +24,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ENV_PREFIX = "EDGE_AGENT_"
+#: pipeline.worker_memory_mb's default (see its description and docs/security.md)
+WORKER_MEMORY_MB_DEFAULT = 8192
 
 
 class _Section(BaseModel):
@@ -105,12 +107,61 @@ class PipelineConfig(_Section):
     stable_age_s: float = Field(10, ge=0, description="A series is complete after this quiet time.")
     job_timeout_s: float = Field(600, gt=0, description="Kill an inference job running longer.")
     max_attempts: int = Field(3, ge=1, description="Attempts per inference job before it fails.")
-    worker_memory_mb: int = Field(0, ge=0, description="Address-space limit of the worker (0: none).")
+    worker_memory_mb: int = Field(
+        WORKER_MEMORY_MB_DEFAULT, ge=0,
+        description="Memory limit of the inference worker in MB (RLIMIT_AS, its address space; 0: none). The CT "
+        "model on a 100 x 512 x 512 series peaked at 1.2 GB of address space (0.6 GB resident) with 2 threads and "
+        "2.2 GB with 16 (each thread reserves about 70 MB): the default leaves 3.7x over 16 threads. A job that "
+        "hits it is refused as too large (series.refused), not blamed on the model. GPU backends (CUDA, TensorRT) "
+        "reserve tens of GB of address space: set 0 on a GPU device (docs/gpu.md).",
+    )
     threads: int = Field(0, ge=0, description="Inference threads (0: all cores).")
     prefetch: bool = Field(
         True,
         description="Decode a series in the inference worker once it has been quiet for a quarter of "
         "stable_age_s, so its job starts with the volume in memory (unused when an instance arrives after).",
+    )
+
+
+class JobsConfig(_Section):
+    """How the job queue stays fair: retries wait behind newer work, and each job's time budget
+    follows its size (so a small series is never held up by more than one job's time)."""
+
+    retry_backoff_s: float = Field(
+        10, ge=0, description="A failed attempt is retried no sooner than this (doubling per attempt), and only "
+        "after every job with fewer attempts.",
+    )
+    budget_base_s: float = Field(
+        120, gt=0, description="Time budget of any job (model loading included), before its size is added.",
+    )
+    budget_s_per_instance: float = Field(3, ge=0, description="Budget added per instance of the series.")
+    budget_s_per_mb: float = Field(
+        10, ge=0, description="Budget added per MB of the series on disk; the larger of the two additions counts, "
+        "and pipeline.job_timeout_s caps the total.",
+    )
+
+
+class SeriesLimitsConfig(_Section):
+    """The largest series the agent analyses; a larger one is refused (series.refused), never retried."""
+
+    max_instances: int = Field(3000, ge=1, description="Instances per series.")
+    max_rows: int = Field(4096, ge=1, description="Rows of one frame.")
+    max_columns: int = Field(4096, ge=1, description="Columns of one frame.")
+    max_frames: int = Field(4000, ge=1, description="Frames per series (all instances, multi-frame counted per frame).")
+
+
+class SupervisionConfig(_Section):
+    """Every loop of the daemon runs supervised: a failure is logged, published (loop.stalled) and
+    retried with exponential backoff; a loop failing for longer than give_up_after_s ends the process
+    with a non-zero status, so the service manager restarts it."""
+
+    db_busy_timeout_s: float = Field(
+        30, gt=0, description="How long a database statement waits for another writer's lock before it fails.",
+    )
+    retry_initial_s: float = Field(0.5, gt=0, description="First wait after a loop failed; doubles per failure.")
+    retry_max_s: float = Field(30, gt=0, description="Longest wait between two tries of a failing loop.")
+    give_up_after_s: float = Field(
+        600, gt=0, description="A loop failing without a success for this long exits the process (status 3).",
     )
 
 
@@ -276,6 +327,9 @@ class Config(_Section):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
+    series_limits: SeriesLimitsConfig = Field(default_factory=SeriesLimitsConfig)
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
 
     @field_validator("device_id")
     @classmethod

@@ -11,19 +11,24 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+#: how long a statement waits for another writer's lock (``supervision.db_busy_timeout_s``)
+BUSY_TIMEOUT_S = 30.0
 
-def connect(path: Path | str) -> sqlite3.Connection:
+
+def connect(path: Path | str, busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
     """Open the state database with the project's durability settings.
 
     The connection is in autocommit mode (``isolation_level=None``); use ``with transaction(conn)``
-    for multi-statement writes.
+    for multi-statement writes. ``busy_timeout_s``: past it, a statement blocked by another writer
+    fails with ``sqlite3.OperationalError`` (database is locked); the service's loops survive that
+    (agent/service/supervisor.py).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -40,6 +45,19 @@ class transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self.conn.execute("COMMIT")
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error:
+                # a failed COMMIT (busy, disk full, I/O) leaves the transaction open: end it, so the
+                # connection's next BEGIN works once the fault clears
+                self._rollback()
+                raise
         else:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
+
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:  # nothing left to undo; the caller's error is the one to report
+                pass

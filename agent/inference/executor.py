@@ -38,6 +38,7 @@ from agent.imaging.volume import load_series
 from agent.inference import catalog, pipeline
 from agent.inference.base import Backend, BackendInfo
 from agent.inference.faults import FaultyBackend, fault_applies
+from agent.inference.limits import over_limit
 from agent.inference.messages import (
     FailureKind,
     InferenceJob,
@@ -72,6 +73,10 @@ class Executor:
 
     def run(self, job: InferenceJob, fault: str) -> JobOutcome:
         """Run one job (see the module docstring). Never raises."""
+        if job.limits is not None:
+            over = over_limit([inst.path for inst in job.series.instances], job.limits)
+            if over is not None:
+                return JobOutcome("refused", error=over[1], failure="input", limit=over[0])
         try:
             spec, backend = self._model(job, job)
             info = backend.describe()

@@ -7,8 +7,8 @@ job's backend in ``FaultyBackend``, which misbehaves at the job's first inferenc
 SIGKILL escalation is exercised), ``oom`` (allocates past the memory limit; raises MemoryError
 directly when no limit is set), ``nan`` (the backend returns NaN), ``raise`` (the backend raises
 BackendError) or ``disagree`` (the backend returns its class channels in reverse order: finite,
-plausible, wrong). ``FAULT@TARGET`` limits the fault to jobs whose ``variant`` or ``version`` is
-TARGET (``fault_applies``; the shadow FP32 run is never faulted). Without ``fault_injection`` the
+plausible, wrong). ``FAULT@TARGET`` limits the fault to jobs whose ``variant``, ``version`` or
+model name is TARGET (``fault_applies``; the shadow FP32 run is never faulted). Without ``fault_injection`` the
 variable is ignored.
 """
 
@@ -41,11 +41,12 @@ FAULTS = ("crash", "segv", "hang", "oom", "nan", "raise", "disagree")
 
 
 def fault_applies(fault: str, job: InferenceJob) -> bool:
-    """Fault injection: ``FAULT`` hits every job, ``FAULT@TARGET`` only jobs of that variant or version."""
+    """Fault injection: ``FAULT`` hits every job, ``FAULT@TARGET`` only jobs of that variant, version
+    or model."""
     if not fault:
         return False
     target = fault.partition("@")[2]
-    return not target or target in (job.variant, job.version)
+    return not target or target in (job.variant, job.version, job.model_name)
 
 
 class FaultyBackend:

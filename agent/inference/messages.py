@@ -29,11 +29,14 @@ from agent.core.drift import DriftEdges, SeriesSummary
 from agent.core.modelspec import ModelSpec
 from agent.core.types import Prediction, Series
 
-JobKind = Literal["ok", "error", "timeout", "crash", "oom", "cancelled"]
+JobKind = Literal["ok", "error", "timeout", "crash", "oom", "refused", "cancelled"]
 #: JobOutcome.failure: whose fault a failed job was. "model": the model/backend failed (load error,
-#: exception, non-finite output, crash, timeout): another variant may succeed. "input": the series
-#: cannot be read or prepared: any variant would fail the same way. "": ok, cancelled or out of memory.
-FailureKind = Literal["", "model", "input"]
+#: exception, non-finite output, a crash by a signal other than SIGKILL): another variant may
+#: succeed. "input": the series cannot be read or prepared, or is over a size limit: any variant would
+#: fail the same way. "resource": the job ran out of time (its budget) or was killed by the kernel's
+#: OOM killer (SIGKILL): the device's limits, not the model. "": ok, cancelled or out of memory. Only
+#: "model" failures lead to fallback, demotion or rollback (agent/variants/jobs.py).
+FailureKind = Literal["", "model", "input", "resource"]
 
 
 # ---- requests ------------------------------------------------------------------------------------
@@ -46,6 +49,17 @@ class ModelFile:
     precision: str = "fp32"
     variant: str = ""
     backend_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SeriesLimits:
+    """The largest series a job may take (``series_limits``; 0: no limit): checked in the worker
+    from the headers, before any pixel data is decoded. Over a limit the job ends ``refused``."""
+
+    max_instances: int = 0
+    max_rows: int = 0
+    max_columns: int = 0
+    max_frames: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,7 @@ class InferenceJob:
     version: str = ""
     shadow: ModelFile | None = None
     drift_edges: DriftEdges | None = None
+    limits: SeriesLimits | None = None
 
 
 @dataclass(frozen=True)
@@ -137,7 +152,8 @@ class JobOutcome:
     """How a job ended (see ``agent.inference.runner`` for ``kind``). ``error`` is a one-line reason.
     ``summary``: the series in aggregate for drift monitoring (``agent.imaging.summary``), from the
     run whose prediction this is; None unless the job carried ``drift_edges`` and summarising
-    worked (its failure never fails the job)."""
+    worked (its failure never fails the job). ``limit``: for ``refused``, the configuration key of
+    the limit the series is over (``series_limits.max_frames``, ...)."""
 
     kind: JobKind
     prediction: Prediction | None = None
@@ -146,6 +162,7 @@ class JobOutcome:
     failure: FailureKind = ""
     shadow: ShadowOutcome | None = None
     summary: SeriesSummary | None = None
+    limit: str = ""
 
     @property
     def ok(self) -> bool:

@@ -17,11 +17,14 @@ kind       meaning                                                              
 ok         ``prediction`` is set                                                 kept (warm)
 error      the job failed with a reason (bad series, model error, non-finite     kept
            outputs, ...); retrying the same job will likely fail again
-timeout    ran past ``job_timeout_s``: worker SIGTERMed, SIGKILLed after grace   replaced
+timeout    ran past its budget (``submit``'s ``timeout_s``, default             replaced
+           ``job_timeout_s``): worker SIGTERMed, SIGKILLed after grace
 crash      the worker died (segfault, abort, os._exit, SIGKILL by the kernel     replaced
            OOM killer): ``error`` names the exit code or signal
 oom        MemoryError under ``memory_limit_mb`` (RLIMIT_AS) or an allocation   replaced
            failure reported by the backend
+refused    the series is over one of the job's ``SeriesLimits`` (``limit``      kept
+           names which); nothing was decoded
 cancelled  ``stop()`` was called while the job ran; not the job's fault          (stopped)
 =========  ====================================================================  ==================
 
@@ -60,6 +63,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -85,6 +89,7 @@ from agent.inference.messages import (
     Reply,
     ReplyError,
     Request,
+    SeriesLimits,
     ShadowOutcome,
     StopRequest,
     TrialOutcome,
@@ -106,6 +111,7 @@ __all__ = [
     "JobKind",
     "JobOutcome",
     "ModelFile",
+    "SeriesLimits",
     "ShadowOutcome",
     "TrialOutcome",
     "TrialRequest",
@@ -268,12 +274,13 @@ class InferenceRunner:
             conn.close()
 
     # ---- jobs ----------------------------------------------------------------------------------
-    def submit(self, job: InferenceJob) -> JobOutcome:
-        """Run ``job`` in the worker and wait for it; returns a JobOutcome and never raises for the
-        job's own failures (see the module docstring for the kinds)."""
+    def submit(self, job: InferenceJob, timeout_s: float | None = None) -> JobOutcome:
+        """Run ``job`` in the worker and wait at most ``timeout_s`` (default ``job_timeout_s``) for
+        it; returns a JobOutcome and never raises for the job's own failures (see the module
+        docstring for the kinds)."""
         with self._job_lock:
             t0 = time.monotonic()
-            outcome = self._submit(job)
+            outcome = self._submit(job, timeout_s or self.job_timeout_s)
             outcome = replace(outcome, duration_ms=round((time.monotonic() - t0) * 1000, 1))
             level = logging.INFO if outcome.ok else logging.WARNING
             log_event(
@@ -329,10 +336,10 @@ class InferenceRunner:
                   ms=round((time.monotonic() - t0) * 1000, 1), error=error or "-")
         return ok
 
-    def _submit(self, job: InferenceJob) -> JobOutcome:
+    def _submit(self, job: InferenceJob, timeout_s: float) -> JobOutcome:
         job = _absolute_paths(job)
         fault = os.environ.get(FAULT_ENV, "") if self._fault_injection else ""
-        reply = self._exchange(JobRequest(job, fault), self.job_timeout_s, job.job_id)
+        reply = self._exchange(JobRequest(job, fault), timeout_s, job.job_id)
         if isinstance(reply, JobOutcome):
             return reply
         if isinstance(reply, NoReply):
@@ -396,14 +403,18 @@ class InferenceRunner:
             reason = exit_reason(proc)
             log_event(logger, "runner.worker_crashed", logging.ERROR, job_id=label, pid=proc.pid,
                       reason=reason)
-            return NoReply("crash", f"inference worker died during the job: {reason}", "model")
+            # SIGKILL that we did not send: the kernel's OOM killer (the device's memory, not the model)
+            killed = proc.exitcode == -signal.SIGKILL
+            return NoReply("crash", f"inference worker died during the job: {reason}",
+                           "resource" if killed else "model")
 
         # timeout: the worker is busy with a job we no longer want; kill it, a fresh one comes next
         self._forget(proc, conn, kill=False)  # killed below, outside the lock (takes up to 2 graces)
         how = kill_worker(proc, self.kill_grace_s)
         log_event(logger, "runner.job_timeout", logging.ERROR, job_id=label, pid=proc.pid,
                   timeout_s=timeout_s, killed_with=how)
-        return NoReply("timeout", f"job ran past {timeout_s:g} s; worker killed ({how})", "model")
+        # the job's budget ran out: a series too large or a device too busy, not the model's fault
+        return NoReply("timeout", f"job ran past {timeout_s:g} s; worker killed ({how})", "resource")
 
 
 def _absolute_paths(job: InferenceJob) -> InferenceJob:

@@ -1,11 +1,16 @@
 """The assembly thread: stored instances become series, quiet series become jobs.
 
 Each tick (``TICK_S``, or sooner when a series falls due): record the instances the listener
-stored, write queued events to the outbox, turn every series quiet for ``pipeline.stable_age_s``
-into one job per model that wants it (and an ``series.unrouted`` event when none does), offer
-series a quarter of the way through their quiet period for decoding ahead, mark jobs whose result
-left the outbox as published, and let the janitor sweep. A failure is logged and the next tick
-tries again; the thread only ends on ``stop``.
+stored, turn every series quiet for ``pipeline.stable_age_s`` into one job per model that wants it
+(a ``series.unrouted`` event when none does, ``series.refused`` when it is over
+``series_limits.max_instances``), offer series a quarter of the way through their quiet period for
+decoding ahead, mark jobs whose result left the outbox as published, let the janitor sweep, and
+write queued events to the outbox.
+
+Nothing is dropped by a failing tick (the service runs ``step`` under agent/service/supervisor.py,
+which retries it with backoff): an instance notification leaves the loop's hands only once it is
+recorded, and a series is marked complete in the same transaction that creates its jobs
+(``SeriesAssembler.pop_due`` with a successor), so a failure in between leaves it open and due.
 """
 
 from __future__ import annotations
@@ -17,10 +22,10 @@ import threading
 import time
 
 from agent.assembly import JobStore, SeriesAssembler
+from agent.assembly.assembler import DueSeries
 from agent.core.config import PipelineConfig
-from agent.core.errors import EdgeAgentError
-from agent.core.events import SeriesUnrouted
-from agent.core.log import log_event
+from agent.core.db import transaction
+from agent.core.events import SeriesRefused, SeriesUnrouted
 from agent.core.metrics import NO_METRICS, Metrics
 from agent.core.types import Instance
 from agent.mqtt.outbox import Outbox
@@ -73,27 +78,24 @@ class AssemblyLoop:
         self.prefetch = prefetch
         self.jobs_ready = jobs_ready
         self.instances: queue.Queue[Instance] = queue.Queue()  # the listener's on_instance
+        self._holding: Instance | None = None  # taken from the queue, not yet recorded
 
-    def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                self.tick()
-            except EdgeAgentError as exc:
-                log_event(log, "assembly.error", logging.ERROR, error=str(exc))
-            except Exception:  # noqa: BLE001 - the loop must survive anything; logged with traceback
-                log.exception("assembly.crashed")
-            stop.wait(self.wait_s())
+    def step(self) -> float:
+        """One tick, then how long to wait for the next (the supervisor's step)."""
+        self.tick()
+        return self.wait_s()
 
     def tick(self) -> None:
+        self._write_events()  # first too: a stall further down must still be announced
         self._record_instances()
-        self.events.drain(self.outbox)
-        for due in self.assembler.pop_due():
-            if not due.models:
-                self.events.write(self.outbox, SeriesUnrouted(series_uid=due.series_uid, modality=due.modality,
-                                                              instances=due.n_instances).to_event())
-            for name in due.models:
-                self.jobs.create(due.series_uid, due.study_uid, name, due.revision)
-            if due.models:
+        for due in self.assembler.pop_due(self._create_jobs):
+            if due.refused:
+                self.events.put(SeriesRefused(series_uid=due.series_uid, limit="series_limits.max_instances",
+                                              reason=due.refused).to_event())
+            elif not due.models:
+                self.events.put(SeriesUnrouted(series_uid=due.series_uid, modality=due.modality,
+                                               instances=due.n_instances).to_event())
+            else:
                 self.jobs_ready.set()
                 self.metrics.count("series_completed")
                 # last instance -> jobs exist: the quiet period plus this loop's own delay
@@ -103,6 +105,19 @@ class AssemblyLoop:
             if not self.outbox.has(key):
                 self.jobs.mark_published(key)
         self.janitor.tick()
+        self._write_events()
+
+    def _write_events(self) -> None:
+        # the sink hands an event over as it writes it: take the write lock first, so a database
+        # that refuses writes fails the tick here (retried) rather than in the middle of the drain
+        with transaction(self.assembler.conn):  # this thread's own connection
+            pass
+        self.events.drain(self.outbox)
+
+    def _create_jobs(self, conn: sqlite3.Connection, due: DueSeries) -> None:
+        """The jobs of a due series, in the transaction that marks it complete."""
+        for name in due.models:
+            self.jobs.create(due.series_uid, due.study_uid, name, due.revision, conn=conn)
 
     def wait_s(self) -> float:
         """Sleep until the next tick, or sooner when a series falls due before it: a series is
@@ -116,12 +131,16 @@ class AssemblyLoop:
         return min(TICK_S, max(0.0, due_at - time.time()))
 
     def _record_instances(self) -> None:
+        """Record queued instance notifications; the one being recorded stays held until its row
+        is committed, so a failure here loses none (the next tick records it)."""
         while True:
-            try:
-                inst = self.instances.get_nowait()
-            except queue.Empty:
-                return
-            self.assembler.note_instance(inst)
+            if self._holding is None:
+                try:
+                    self._holding = self.instances.get_nowait()
+                except queue.Empty:
+                    return
+            self.assembler.note_instance(self._holding)
+            self._holding = None
 
     def _offer_prefetch(self) -> None:
         """Offer the job thread series a quarter of the way through their quiet period: decoding

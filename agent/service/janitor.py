@@ -3,7 +3,14 @@
 Unrouted series (no model wants them) go after ``storage.unrouted_retention_h``; completed series
 after ``storage.retention_days``, and only once none of their jobs is still open (pending, running,
 or inferred but not yet confirmed sent). Runs on the assembly thread every
-``storage.janitor_interval_s``; the files go first, then the series row.
+``storage.janitor_interval_s``.
+
+The series row goes first, in one statement that re-checks what the janitor chose it for (still
+closed, completed before the cutoff, no open job: ``SeriesAssembler.forget``); only when that
+statement deleted it do the files go. A series that took a new instance or a new job since it was
+chosen keeps its row and its files. (An instance stored in the spool after that statement and
+before the files are deleted is still at risk: closing that needs the spool's delete to take the
+same cutoff, ``Spool.delete_series``, owned by agent/ingest.)
 """
 
 from __future__ import annotations
@@ -37,13 +44,17 @@ class Janitor:
             self.sweep()
 
     def sweep(self) -> None:
+        unrouted_cutoff = self.clock() - self.cfg.unrouted_retention_h * 3600
         for uid in self.assembler.expired_unrouted(self.cfg.unrouted_retention_h * 3600):
-            self._age_out(uid, "unrouted")
-        for uid in self.assembler.completed_before(self.clock() - self.cfg.retention_days * 86400):
+            self._age_out(uid, "unrouted", unrouted_cutoff)
+        cutoff = self.clock() - self.cfg.retention_days * 86400
+        for uid in self.assembler.completed_before(cutoff):
             if self.jobs.series_done(uid):
-                self._age_out(uid, "retention")
+                self._age_out(uid, "retention", cutoff)
 
-    def _age_out(self, series_uid: str, reason: str) -> None:
+    def _age_out(self, series_uid: str, reason: str, cutoff: float) -> None:
+        if not self.assembler.forget(series_uid, completed_before=cutoff):
+            log_event(log, "spool.age_out_skipped", series_uid=series_uid, reason="changed since chosen")
+            return
         self.spool.delete_series(series_uid)
-        self.assembler.forget(series_uid)
         log_event(log, "spool.aged_out", series_uid=series_uid, reason=reason)

@@ -1,19 +1,32 @@
 """The job thread: one job at a time through the active variant, its result into the outbox.
 
-Claims the oldest pending job, loads the series from the spool, runs it through the variant
-manager (active variant, FP32 fallback, shadow validation, rollback: agent/variants) in the
-inference worker, and commits the result's outbox row together with the job's ``inferred`` state.
-A failed attempt is retried up to ``pipeline.max_attempts`` and then published as ``job.failed``.
-While no job is waiting it decodes the newest prefetch offer. Patient identifiers are read from the
-DICOM file only when ``privacy.include_patient_identifiers`` allows it.
+Claims the next job (fewest attempts first: agent/assembly/jobs.py), loads the series from the
+spool, runs it through the variant manager (active variant, FP32 fallback, shadow validation,
+rollback: agent/variants) in the inference worker within the job's time budget (``[jobs]``: a base
+plus its size, capped by ``pipeline.job_timeout_s``), and commits the result's outbox row together
+with the job's ``inferred`` state. A failed attempt is retried up to ``pipeline.max_attempts``, behind
+newer work (``jobs.retry_backoff_s``), and then published as ``job.failed``. A series over a
+``series_limits`` limit, or whose job hit the worker's memory limit, is refused at once
+(``series.refused``), never retried. While no job is waiting it decodes the newest prefetch offer.
+Patient identifiers are read from the DICOM file only when ``privacy.include_patient_identifiers``
+allows it.
+
+Database faults are not job failures. The service runs ``step`` supervised (supervisor.py): when a
+claim, a state change or the result's write fails (locked past the busy timeout, disk full, I/O
+error), the step raises and is retried with backoff, and what the loop holds survives: a claimed
+job is run again (its attempt not counted twice), a computed result or a failure record is kept
+in memory and written by the next step, before anything else (the job stays ``running`` meanwhile;
+a restart returns it to ``pending``).
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
@@ -21,14 +34,14 @@ import pydicom
 from agent.assembly.jobs import FAILED, INFERRED, Job
 from agent.core import db
 from agent.core.config import Config
-from agent.core.errors import EdgeAgentError
-from agent.core.events import JobFailed
+from agent.core.errors import EdgeAgentError, StorageError
+from agent.core.events import JobFailed, SeriesRefused
 from agent.core.log import log_event
 from agent.core.metrics import NO_METRICS, Metrics, Stage
 from agent.core.topics import Topics
 from agent.core.types import ModelRef, Result, Series
 from agent.core.util import iso_utc
-from agent.inference.runner import InferenceRunner
+from agent.inference.runner import InferenceJob, InferenceRunner, JobOutcome, SeriesLimits
 from agent.ingest.spool import Spool
 from agent.mqtt import payloads
 from agent.service.assembly_loop import PrefetchOffers
@@ -60,23 +73,61 @@ class JobLoop:
         self.prefetch = prefetch
         self.jobs_ready = jobs_ready
         self.on_result: Callable[[], None] = lambda: None  # the publisher's wake-up, set by the service
+        lim = cfg.series_limits
+        self.limits = SeriesLimits(lim.max_instances, lim.max_rows, lim.max_columns, lim.max_frames)
+        self._job: Job | None = None  # claimed, not finished
+        self._unwritten: Callable[[], None] | None = None  # a job's outcome the database has not taken yet
 
-    def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            job = self.db.jobs.claim_next()
-            if job is None:
-                if self._prefetch_next():
-                    continue
+    def step(self) -> float:
+        """One round (the supervisor's step): finish an unwritten result or failure record first,
+        else run the claimed or next job, else prefetch or wait a moment for work."""
+        if self._unwritten is not None:
+            self._unwritten()  # raises while the database still refuses it
+            self._unwritten = None
+            return 0.0
+        job = self._job or self.db.jobs.claim_next()
+        if job is None:
+            if not self._prefetch_next():
                 self.jobs_ready.wait(1.0)
                 self.jobs_ready.clear()
-                continue
-            try:
-                self.run_job(job)
-            except EdgeAgentError as exc:
-                self._failed(job, f"{exc}", "error")
-            except Exception as exc:  # noqa: BLE001 - a bug in one job must not stop the others
-                log.exception("job.crashed")
-                self._failed(job, f"internal error: {type(exc).__name__}: {exc}", "error")
+            return 0.0
+        self._job = job  # held until it ends: a database fault below re-runs it, not a new claim
+        try:
+            self.run_job(job)
+        except (sqlite3.Error, StorageError):
+            if self.holds_unwritten():  # the job's outcome is known; only its write is pending
+                self._job = None
+            raise
+        except EdgeAgentError as exc:
+            error = f"{exc}"
+        except Exception as exc:  # noqa: BLE001 - a bug in one job must not stop the others
+            log.exception("job.crashed")
+            error = f"internal error: {type(exc).__name__}: {exc}"
+        else:
+            self._job = None
+            return 0.0
+        self._job = None
+        self._record(lambda: self._failed(job, error, "error"))
+        return 0.0
+
+    def holds_unwritten(self) -> bool:
+        """A job's outcome (result or failure) is waiting for the database to take it."""
+        return self._unwritten is not None
+
+    def _record(self, write: Callable[[], None]) -> None:
+        """Run ``write`` (a job's outcome into the database); when it fails, keep it for the next
+        step and re-raise (the supervisor retries with backoff)."""
+        self._unwritten = write
+        write()
+        self._unwritten = None
+
+    def budget_s(self, series: Series) -> float:
+        """The job's time budget: ``jobs.budget_base_s`` plus the larger of its per-instance and
+        per-MB shares, at most ``pipeline.job_timeout_s``."""
+        j = self.cfg.jobs
+        mb = sum(inst.size for inst in series.instances) / 1e6
+        extra = max(j.budget_s_per_instance * len(series.instances), j.budget_s_per_mb * mb)
+        return min(self.cfg.pipeline.job_timeout_s, j.budget_base_s + extra)
 
     def _prefetch_next(self) -> bool:
         """Decode the most recently offered quiet series in the worker; False when none is waiting."""
@@ -97,13 +148,21 @@ class JobLoop:
         series = Series(first.study_uid, first.series_uid, first.modality, instances, job.revision,
                         first.series_description, first.body_part)
         t0 = time.monotonic()
+        budget = self.budget_s(series)
+
+        def submit(ij: InferenceJob) -> JobOutcome:
+            return self.runner.submit(replace(ij, limits=self.limits), timeout_s=budget)
+
         # the prediction's model field names what actually produced it (fallback included)
-        outcome = self.variants.run_job(job.job_id, series, job.model_name, self.runner.submit)
+        outcome = self.variants.run_job(job.job_id, series, job.model_name, submit)
         if outcome.kind == "cancelled":  # we are shutting down: not the job's fault
             self.db.jobs.release(job.job_id)
             return
+        if outcome.kind in ("refused", "oom"):
+            self._record(lambda: self._refused(job, outcome))
+            return
         if not outcome.ok or outcome.prediction is None:
-            self._failed(job, outcome.error, outcome.kind)
+            self._record(lambda: self._failed(job, outcome.error, outcome.kind))
             return
         pred = outcome.prediction
         timings = dict(pred.timings_ms)
@@ -116,24 +175,49 @@ class JobLoop:
         payload = payloads.result_payload(result, patient=_patient(first.path) if allowed else None,
                                           include_patient_identifiers=allowed)
         key = f"{rid}:{job.revision}"
-        # the outbox row and the job state change commit together: a crash leaves either both
-        # (message will be sent) or neither (job re-runs), never a lost or doubled result
-        with db.transaction(self.db.conn):
-            self.db.outbox.put(self.topics.results, payload, qos=1, kind="result", dedup_key=key,
-                               in_transaction=True)
-            self.db.jobs.mark(job.job_id, INFERRED, result_key=key, conn=self.db.conn)
+
+        def commit() -> None:
+            # the outbox row and the job state change commit together: a crash leaves either both
+            # (message will be sent) or neither (job re-runs), never a lost or doubled result
+            try:
+                with db.transaction(self.db.conn):
+                    self.db.outbox.put(self.topics.results, payload, qos=1, kind="result", dedup_key=key,
+                                       in_transaction=True)
+                    self.db.jobs.mark(job.job_id, INFERRED, result_key=key, conn=self.db.conn)
+            except (sqlite3.Error, StorageError) as exc:
+                # not the model's failure: the prediction is kept and written by the next step
+                log_event(log, "job.result_unwritten", logging.ERROR, job_id=job.job_id, error=str(exc))
+                raise
+            try:  # after the commit: nothing here may send the result's write round again
+                self._inferred(job, ref, timings, pred.timings_ms)
+                if self.drift is not None and outcome.summary is not None:
+                    self.drift.series(ref.name, ref.version, outcome.summary)
+            except Exception:  # noqa: BLE001 - logged; the result is safe in the outbox
+                log.exception("job.after_result_failed")
+
+        self._record(commit)
+
+    def _inferred(self, job: Job, ref: ModelRef, timings: dict[str, float], measured: Mapping[str, float]) -> None:
         self.metrics.count("jobs_inferred")
         for stage in _TIMED_STAGES:
-            if stage in pred.timings_ms:
-                self.metrics.observe(stage, pred.timings_ms[stage] / 1000.0)
+            if stage in measured:
+                self.metrics.observe(stage, measured[stage] / 1000.0)
         log_event(log, "job.inferred", job_id=job.job_id, model=ref.name, variant=ref.variant,
                   revision=job.revision, ms=timings.get("queue_to_result"))
         self.on_result()
-        if self.drift is not None and outcome.summary is not None:
-            self.drift.series(ref.name, ref.version, outcome.summary)
+
+    def _refused(self, job: Job, outcome: JobOutcome) -> None:
+        """Too large for this device: failed at once, announced, never retried or blamed on a model."""
+        limit = outcome.limit or "pipeline.worker_memory_mb"
+        self.db.jobs.mark(job.job_id, FAILED, error=f"refused: {outcome.error}")
+        log_event(log, "job.refused", logging.WARNING, job_id=job.job_id, kind=outcome.kind, limit=limit,
+                  error=outcome.error)
+        self.events.put(SeriesRefused(series_uid=job.series_uid, model=job.model_name, limit=limit,
+                                      reason=outcome.error).to_event())
 
     def _failed(self, job: Job, error: str, kind: str) -> None:
-        state = self.db.jobs.retry_or_fail(job.job_id, error, self.cfg.pipeline.max_attempts)
+        state = self.db.jobs.retry_or_fail(job.job_id, error, self.cfg.pipeline.max_attempts,
+                                           backoff_s=self.cfg.jobs.retry_backoff_s)
         log_event(log, "job.attempt_failed", logging.WARNING, job_id=job.job_id, kind=kind, error=error,
                   next_state=state)
         if state == FAILED:

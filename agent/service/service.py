@@ -13,6 +13,11 @@ variant activation (agent/variants), publisher, command handlers, loops, listene
 is acknowledged before it can be processed); stop in reverse. On start-up, unfinished work is
 resumed: running jobs return to pending, series the spool holds but the table lacks are re-opened,
 unsent messages stay in the outbox.
+
+The assembly, job and telemetry loops run under one ``Supervisor`` (supervisor.py): a failing step
+is logged, published (``loop.stalled`` / ``loop.recovered``) and retried with backoff; a loop that
+cannot recover within ``supervision.give_up_after_s`` (or dies) makes ``run_forever`` return
+``EXIT_LOOP_FAILED``, so the process exits non-zero and the service manager restarts it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from agent import __version__
@@ -42,6 +46,7 @@ from agent.service.event_sink import EventSink
 from agent.service.janitor import Janitor
 from agent.service.job_loop import JobLoop
 from agent.service.stages import Stages, build_stages
+from agent.service.supervisor import EXIT_LOOP_FAILED, Supervisor
 from agent.service.telemetry_loop import TelemetryLoop
 from agent.telemetry import PrometheusExporter, TelemetryCollector
 from agent.updates.updater import ModelUpdater, updater_from_config
@@ -78,7 +83,6 @@ class Service:
         self.started_at = time.time()
         self._birth_seq = 0
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
         # what every stage measures, turned into telemetry (MQTT and /metrics) by its own thread
         self.metrics = TelemetryCollector()
         # before the stages, so the variant manager can report events from its first activation on
@@ -96,6 +100,7 @@ class Service:
                                        reconnect_delay_s=(1.0, max(1.0, cfg.mqtt.reconnect_max_s)),
                                        metrics=self.metrics)
         self.events.on_written(self.publisher.wake)
+        self.supervisor = Supervisor(cfg.supervision, self.events.put)
         jobs_ready = threading.Event()
         prefetch = PrefetchOffers()
         janitor = Janitor(cfg.storage, s.spool, s.assembler, s.jobs)
@@ -135,12 +140,10 @@ class Service:
         self.commands.start()
         if self.updater is not None:
             self.updater.start_polling()  # registry.poll_interval_s; 0: only on cmd/update
-        loops: tuple[tuple[Callable[[threading.Event], None], str], ...] = (
-            (self.assembly.run, "assembly"), (self.job_loop.run, "jobs"), (self.telemetry.run, "telemetry"))
-        for target, name in loops:
-            t = threading.Thread(target=target, args=(self._stop,), name=f"edge-{name}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        sup = self.supervisor
+        sup.spawn("assembly", self.assembly.step, self._stop)
+        sup.spawn("jobs", self.job_loop.step, self._stop)
+        sup.spawn("telemetry", self.telemetry.step, self._stop, critical=False, finally_=self.telemetry.close)
         port = self.listener.start()
         log_event(log, "service.started", version=__version__, device_id=self.cfg.device_id,
                   dicom_port=port, models=",".join(self.models) or "-")
@@ -149,8 +152,7 @@ class Service:
         self._stop.set()
         self._jobs_ready.set()
         self.listener.stop()
-        for t in self._threads:
-            t.join(timeout=30)
+        self.supervisor.join(timeout=30)
         if self.updater is not None:
             self.updater.stop()  # an update in progress finishes (it self-tests in the runner)
         self.commands.stop()
@@ -172,12 +174,25 @@ class Service:
         signal.signal(signal.SIGTERM, _signal)
         signal.signal(signal.SIGINT, _signal)
         self.start()
+        fatal = self.supervisor.fatal
         try:
-            while not done.wait(1.0):
+            while not done.wait(0.5) and not fatal.is_set():
                 pass
         finally:
+            if fatal.is_set():
+                log_event(log, "service.exiting", logging.CRITICAL, reason=self.supervisor.failure,
+                          exit_code=EXIT_LOOP_FAILED)
+                self._flush_events()
             self.stop()
-        return 0
+        return EXIT_LOOP_FAILED if fatal.is_set() else 0
+
+    def _flush_events(self) -> None:
+        """Before a fatal exit: write what the event sink still holds (``loop.failed``) when the
+        database takes it, so it goes out with the publisher's last drain or after the restart."""
+        try:
+            self.events.drain(self.stages.outbox)
+        except Exception as exc:  # noqa: BLE001 - the database may be what failed; we exit anyway
+            log_event(log, "service.events_unwritten", logging.ERROR, error=str(exc))
 
     @property
     def dicom_port(self) -> int:

@@ -55,17 +55,23 @@ class Stages:
 def build_stages(cfg: Config, on_event: Callable[[Event], None], *, fault_injection: bool = False) -> Stages:
     for d in (cfg.storage.dir, cfg.spool_dir, cfg.quarantine_dir):
         d.mkdir(parents=True, exist_ok=True)
-    spool = Spool(cfg.spool_dir, cfg.quarantine_dir, db.connect(cfg.db_path), cfg.storage.min_free_mb)
+    busy_s = cfg.supervision.db_busy_timeout_s
+
+    def connect() -> sqlite3.Connection:
+        return db.connect(cfg.db_path, busy_timeout_s=busy_s)
+
+    spool = Spool(cfg.spool_dir, cfg.quarantine_dir, connect(), cfg.storage.min_free_mb)
     # the current registry version of each installed model (its manifest's spec), else the FP32
     # ONNX in models.dir; agent/variants decides which variant runs (docs/engines.md)
     store = ModelStore(cfg.storage.dir)
     variants = VariantManager(cfg, store, cfg.db_path, on_event)
-    asm_conn = db.connect(cfg.db_path)
+    asm_conn = connect()
     # per-instance series bookkeeping need not reach the platter before the C-STORE answer: the
     # spool's files are the truth, and start-up re-derives series from them (reconcile)
     asm_conn.execute("PRAGMA synchronous=NORMAL")
-    assembler = SeriesAssembler(asm_conn, list(variants.specs().values()), cfg.pipeline.stable_age_s)
-    job_conn = db.connect(cfg.db_path)
+    assembler = SeriesAssembler(asm_conn, list(variants.specs().values()), cfg.pipeline.stable_age_s,
+                                max_instances=cfg.series_limits.max_instances)
+    job_conn = connect()
     runner = InferenceRunner(cfg.models.dir, threads=cfg.pipeline.threads,
                              job_timeout_s=cfg.pipeline.job_timeout_s,
                              memory_limit_mb=cfg.pipeline.worker_memory_mb,
@@ -75,13 +81,13 @@ def build_stages(cfg: Config, on_event: Callable[[Event], None], *, fault_inject
         assembler=assembler,
         jobs=JobStore(asm_conn),
         # telemetry and drift get a bounded share of the outbox; results and events never drop
-        outbox=Outbox(db.connect(cfg.db_path),
+        outbox=Outbox(connect(),
                       caps={"telemetry": cfg.telemetry.max_queued, "drift": cfg.drift.max_queued}),
         job=JobStages(job_conn, JobStore(job_conn), Outbox(job_conn)),
         runner=runner,
         store=store,
         variants=variants,
-        telemetry_jobs=JobStore(db.connect(cfg.db_path)),
-        drift=DriftMonitor(db.connect(cfg.db_path), cfg.drift, familywise=cfg.drift.thresholds == "model")
+        telemetry_jobs=JobStore(connect()),
+        drift=DriftMonitor(connect(), cfg.drift, familywise=cfg.drift.thresholds == "model")
         if cfg.drift.enabled else None,
     )

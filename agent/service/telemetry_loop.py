@@ -4,14 +4,14 @@ Each tick closes the collector's window (``agent.telemetry``), samples the host,
 depth, the publisher's health and the models that run, builds one ``TelemetrySnapshot`` and hands
 the same object to the publisher (``telemetry`` topic, a bounded share of the outbox) and to the
 Prometheus exporter when ``[metrics] listen`` is set, so both always agree. The first snapshot is
-taken right after start so ``/metrics`` never serves nothing. A failing tick is logged and the
-next one tries again.
+taken right after start so ``/metrics`` never serves nothing. The service runs ``step``
+supervised (agent/service/supervisor.py), as a loop whose failure never ends the process: a failing
+tick is logged, published (``loop.stalled``) and tried again with backoff.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 
 from agent.assembly import JobStore
 from agent.assembly import jobs as job_states
@@ -39,19 +39,20 @@ class TelemetryLoop:
         self.sampler: HostSampler | None = None  # built on the thread: NVML is opened there
         self.sent = 0
 
-    def run(self, stop: threading.Event) -> None:
-        self.sampler = HostSampler(self.cfg.storage.dir, spool_dir=self.cfg.spool_dir,
-                                   quarantine_dir=self.cfg.quarantine_dir)
-        try:
-            while True:
-                try:
-                    self.tick()
-                except Exception:  # noqa: BLE001 - telemetry must never stop; logged with traceback
-                    log.exception("telemetry.failed")
-                if stop.wait(self.cfg.telemetry.interval_s):
-                    return
-        finally:
+    def step(self) -> float:
+        """One snapshot, then the interval (the supervisor's step; the first call opens the host
+        sampler on this thread: NVML is opened there)."""
+        if self.sampler is None:
+            self.sampler = HostSampler(self.cfg.storage.dir, spool_dir=self.cfg.spool_dir,
+                                       quarantine_dir=self.cfg.quarantine_dir)
+        self.tick()
+        return self.cfg.telemetry.interval_s
+
+    def close(self) -> None:
+        """Close the host sampler (on the loop's thread, when it ends)."""
+        if self.sampler is not None:
             self.sampler.close()
+            self.sampler = None
 
     def tick(self) -> None:
         assert self.sampler is not None

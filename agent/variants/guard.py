@@ -2,8 +2,9 @@
 
 Pure bookkeeping (no I/O); the job path (jobs.py) asks and acts. Per model, for the variant running now:
 
-* consecutive failures: a job whose variant failed (load error, exception, non-finite output, crash,
-  timeout) counts one; a success resets the count. ``max_consecutive_failures`` in a row: demote.
+* consecutive failures: a job whose variant failed (load error, exception, non-finite output, a crash
+  by a signal; not a timeout or out of memory, which are the device's limits) counts one; a success
+  resets the count. ``max_consecutive_failures`` in a row: demote.
 * shadow validation: every ``shadow_every``-th job also runs FP32; each comparison agrees or not
   (``selftest.agrees``). Over the last ``shadow_window`` comparisons, once there are at least
   ``shadow_min_samples``, an agreement rate below ``shadow_min_agreement`` demotes.

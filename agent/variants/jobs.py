@@ -11,7 +11,7 @@ successful ``activate``, a rollback, an operator's ``edge-agent pull``) is picke
 A model with no installed registry version runs the FP32 ONNX from ``models.dir`` as before.
 
 Job-time rules (thresholds in ``[engines]``):
-* the active variant fails (load error, exception, non-finite output, worker crash or timeout):
+* the active variant fails (load error, exception, non-finite output, a worker crash by a signal):
   the job is re-run at once on the version's FP32 variant, ``engine.fallback`` is published, and the
   result names FP32 as its producer. ``max_consecutive_failures`` in a row demote the variant
   (``engine.demoted``) for this version: FP32 runs until the next update.
@@ -20,8 +20,10 @@ Job-time rules (thresholds in ``[engines]``):
 * a version none of whose first ``rollback_after_failures`` jobs produced a result (even FP32
   failed) is rolled back: the previous version is activated, ``current`` switched back
   (``engine.rolled_back``), and the job re-run on it.
-Failures caused by the series itself (unreadable DICOM, a volume the spec cannot take) count
-against nobody. Demotions and the per-version job counts are persisted; the counters behind them
+Failures caused by the series itself (unreadable DICOM, a volume the spec cannot take, a series
+over ``series_limits``) and by the device's limits (the job's time budget ran out, the worker's
+memory limit or the kernel's OOM killer: ``JobOutcome.failure`` "resource") count against nobody:
+no fallback, no demotion, no rollback. Demotions and the per-version job counts are persisted; the counters behind them
 are not (guard.py).
 """
 

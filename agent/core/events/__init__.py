@@ -27,7 +27,8 @@ typed outcomes of ``cmd/update`` and ``cmd/rollback`` that ``command.completed``
 Fields hold UIDs, names, counts and reasons only: never patient identifiers.
 
 Modules: ``base`` (TypedEvent, field markers), ``reception`` (DICOM, series, jobs), ``updates``
-(model updates), ``engine`` (variant choice), ``drift`` (drift state), ``commands`` (command events and results).
+(model updates), ``engine`` (variant choice), ``drift`` (drift state), ``supervision`` (the daemon's
+loops), ``commands`` (command events and results).
 """
 
 from __future__ import annotations
@@ -67,8 +68,10 @@ from agent.core.events.reception import (
     DicomRejected,
     InstanceQuarantined,
     JobFailed,
+    SeriesRefused,
     SeriesUnrouted,
 )
+from agent.core.events.supervision import LoopFailed, LoopRecovered, LoopStalled
 from agent.core.events.updates import (
     ModelDowngradeRefused,
     ModelRollbackFailed,
@@ -85,7 +88,11 @@ _KINDS: tuple[type[TypedEvent], ...] = (
     InstanceQuarantined,
     AssociationRejected,
     SeriesUnrouted,
+    SeriesRefused,
     JobFailed,
+    LoopStalled,
+    LoopRecovered,
+    LoopFailed,
     ModelUpdated,
     ModelUpdateFailed,
     ModelDowngradeRefused,
@@ -144,6 +151,9 @@ __all__ = [
     "EngineShadowDisagreement",
     "InstanceQuarantined",
     "JobFailed",
+    "LoopFailed",
+    "LoopRecovered",
+    "LoopStalled",
     "ModelDowngradeRefused",
     "ModelRollbackFailed",
     "ModelRolledBack",
@@ -151,6 +161,7 @@ __all__ = [
     "ModelUpdated",
     "ResultItem",
     "RollbackOutcome",
+    "SeriesRefused",
     "SeriesUnrouted",
     "Severity",
     "TypedEvent",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agent.core.events.base import DETAIL, Severity, TypedEvent
+from agent.core.events.base import DETAIL, OMIT_NONE, Severity, TypedEvent
 
 # --------------------------------------------------------------------------------------------
 # DICOM reception (agent/ingest/scp.py)
@@ -107,3 +107,21 @@ class JobFailed(TypedEvent):
 
     def message(self) -> str:
         return f"inference failed: {self.error}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeriesRefused(TypedEvent):
+    """A series too large to analyse: over a ``series_limits`` limit (at assembly or in the worker),
+    or its job hit the worker's memory limit (``pipeline.worker_memory_mb``). Refused at once, never
+    retried, and never counted against the model."""
+
+    KIND = "series.refused"
+    SEVERITY = "warning"
+
+    series_uid: str
+    model: str | None = field(default=None, metadata=OMIT_NONE)  # None: refused before routing to a job
+    limit: str  # the configuration key of the limit it hit
+    reason: str
+
+    def message(self) -> str:
+        return f"series refused as too large: {self.reason}"

@@ -1,0 +1,131 @@
+"""Every loop of the daemon runs supervised: a failure never silently ends a thread.
+
+A loop is a ``step()`` callable that does one round of work and returns how long to wait before the
+next (it may block inside, e.g. the job thread waiting for work). ``Supervisor.spawn(name, step,
+stop)`` runs it on a thread:
+
+* a step that raises is logged with its traceback (``loop.step_failed``), published once per stall
+  as ``loop.stalled`` (agent/core/events/supervision.py) and tried again after an exponential
+  backoff (``supervision.retry_initial_s`` doubling up to ``retry_max_s``);
+* the first step that succeeds after a stall publishes ``loop.recovered``;
+* a loop that has not made a successful step for ``supervision.give_up_after_s``, or whose thread
+  ends while the service runs (an escaped ``BaseException``), is *fatal*: ``loop.failed`` is
+  published (best effort), ``fatal`` is set, and the service's ``run_forever`` returns
+  ``EXIT_LOOP_FAILED`` so the process exits non-zero and the service manager restarts it, rather
+  than run on half-dead (the listener answering Success while nothing is analysed).
+
+What a loop holds across a failed step (an instance notification, a prediction not yet written) is
+the loop's business: it must keep it and finish it in a later step (see assembly_loop.py and
+job_loop.py). Events go through the event sink, so ``loop.stalled`` for a database stall reaches the
+outbox once the database takes writes again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from agent.core.config import SupervisionConfig
+from agent.core.events import LoopFailed, LoopRecovered, LoopStalled
+from agent.core.log import log_event
+from agent.core.types import Event
+
+log = logging.getLogger(__name__)
+
+#: the process's exit status when a loop could not recover (systemd: Restart=on-failure restarts it)
+EXIT_LOOP_FAILED = 3
+
+Step = Callable[[], float]
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class Supervisor:
+    """Runs loops under the rules of the module docstring. ``fatal`` is set when one gave up;
+    ``failure`` says which and why."""
+
+    def __init__(self, cfg: SupervisionConfig, on_event: Callable[[Event], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.on_event = on_event
+        self.clock = clock
+        self.fatal = threading.Event()
+        self.failure = ""
+        self._threads: list[threading.Thread] = []
+
+    def spawn(self, name: str, step: Step, stop: threading.Event, *, critical: bool = True,
+              finally_: Callable[[], None] | None = None) -> threading.Thread:
+        """Run ``step`` supervised on a daemon thread ``edge-{name}`` until ``stop`` is set.
+        ``critical`` False: the loop never gives up (telemetry: the data path does not depend on
+        it). ``finally_`` runs on that thread when the loop ends (closing what the loop opened)."""
+
+        def target() -> None:
+            try:
+                self.run(name, step, stop, critical=critical)
+            except BaseException as exc:  # noqa: BLE001 - a dying loop must end the process, not vanish
+                log.exception("loop.died", extra={"ea_fields": {"loop": name}})
+                self._give_up(name, _short(exc), 0.0)
+            finally:
+                if finally_ is not None:
+                    finally_()
+            if not stop.is_set() and not self.fatal.is_set():
+                self._give_up(name, "the loop returned while the service runs", 0.0)
+
+        t = threading.Thread(target=target, name=f"edge-{name}", daemon=True)
+        t.start()
+        self._threads.append(t)
+        return t
+
+    def join(self, timeout: float) -> None:
+        for t in self._threads:
+            t.join(timeout=timeout)
+
+    def run(self, name: str, step: Step, stop: threading.Event, *, critical: bool = True) -> None:
+        """The supervised loop itself (on the caller's thread); returns when ``stop`` is set or the
+        loop gave up (then ``fatal`` is set; never when not ``critical``)."""
+        failing_since: float | None = None
+        failures = 0
+        delay = self.cfg.retry_initial_s
+        while not stop.is_set():
+            try:
+                wait = step()
+            except Exception as exc:  # noqa: BLE001 - any failure is retried; logged with traceback
+                now = self.clock()
+                failures += 1
+                error = _short(exc)
+                log.error("loop.step_failed", exc_info=failures == 1,
+                          extra={"ea_fields": {"loop": name, "failures": failures, "error": error,
+                                               "retry_in_s": delay}})
+                if failing_since is None:
+                    failing_since = now
+                    self.on_event(LoopStalled(loop=name, error=error, retry_in_s=round(delay, 3)).to_event())
+                stalled = now - failing_since
+                if critical and stalled >= self.cfg.give_up_after_s:
+                    self._give_up(name, error, stalled)
+                    return
+                left = self.cfg.give_up_after_s - stalled if critical else delay
+                stop.wait(min(delay, max(0.0, left) + 0.01))
+                delay = min(delay * 2, self.cfg.retry_max_s)
+                continue
+            if failing_since is not None:
+                stalled = round(self.clock() - failing_since, 3)
+                log_event(log, "loop.recovered", loop=name, stalled_s=stalled, failures=failures)
+                self.on_event(LoopRecovered(loop=name, stalled_s=stalled, failures=failures).to_event())
+                failing_since, failures, delay = None, 0, self.cfg.retry_initial_s
+            if wait > 0:
+                stop.wait(wait)
+
+    def _give_up(self, name: str, error: str, stalled_s: float) -> None:
+        if self.fatal.is_set():
+            return
+        self.failure = f"{name}: {error}"
+        log_event(log, "loop.failed", logging.CRITICAL, loop=name, error=error, stalled_s=round(stalled_s, 3))
+        try:
+            self.on_event(LoopFailed(loop=name, error=error, stalled_s=round(stalled_s, 3)).to_event())
+        finally:
+            self.fatal.set()
