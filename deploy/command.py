@@ -41,6 +41,7 @@ def send(message: bytes, topic: str, events_topic: str, cid: str, *, host: str, 
          username: str | None = None, password: str | None = None) -> list[dict[str, Any]]:
     """Publish ``message`` on ``topic`` (QoS 1) and collect the answers with ``cid`` until a final one."""
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
     answers: list[dict[str, Any]] = []
     done, subscribed = threading.Event(), threading.Event()
@@ -56,7 +57,7 @@ def send(message: bytes, topic: str, events_topic: str, cid: str, *, host: str, 
             if doc.get("kind") in FINAL:
                 done.set()
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
     if username is not None:
         client.username_pw_set(username, password)
     client.on_message = on_message

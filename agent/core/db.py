@@ -8,8 +8,14 @@ timeout so the listener, assembler and outbox can share the file across threads 
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
+
+from agent.core.util import PRIVATE_FILE, tighten
+
+#: SQLite's companions of the database file (WAL mode), created with the database file's mode
+COMPANIONS = ("-wal", "-shm", "-journal")
 
 
 def connect(path: Path | str) -> sqlite3.Connection:
@@ -20,12 +26,22 @@ def connect(path: Path | str) -> sqlite3.Connection:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # created 0600 before SQLite opens it: SQLite gives -wal and -shm the database file's mode
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+    tighten_files(path)
     conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
     conn.row_factory = sqlite3.Row
     return conn
+
+
+def tighten_files(path: Path) -> list[str]:
+    """chmod 0600 the database file and its -wal/-shm where group or others can read them (files
+    an older version made under umask 022); returns the names it tightened."""
+    return [p.name for p in (path, *(path.with_name(path.name + s) for s in COMPANIONS))
+            if tighten(p, PRIVATE_FILE)]
 
 
 class transaction:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from agent.core.errors import RegistryError
 from agent.core.log import log_event
-from agent.core.util import atomic_write, fsync_dir, fsync_file
+from agent.core.util import PRIVATE_FILE, atomic_write, fsync_dir, fsync_file
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def check_name(kind: str, value: str) -> str:
 def write_atomic(path: Path, data: bytes) -> None:
     """``util.atomic_write`` with the registry's error: a failed write names the file."""
     try:
-        atomic_write(path, data)
+        atomic_write(path, data, mode=PRIVATE_FILE)
     except OSError as exc:
         raise RegistryError(f"cannot write {path}: {exc}") from exc
 
