@@ -69,24 +69,32 @@ class CommandDispatcher:
     commands beyond the one running, ``max_pending_per_command`` of one name; more are rejected
     (``busy``, the correlation id and nonce stay unused so the same command can be sent again).
     ``rejections_per_minute``: ``command.rejected`` events published at most (the rest are logged
-    and counted in the next one's ``suppressed``).
+    and counted in the next one's ``suppressed``). ``urgent``: commands (rollback) that run on a
+    second thread, never queued behind a slow update.
     """
 
     def __init__(self, topics: Topics, handlers: Mapping[str, Handler], on_event: Callable[[Event], None],
                  *, auth: CommandAuth, followed: Callable[[], Collection[str]] | None = None,
-                 max_pending: int = 4, max_pending_per_command: int = 1, rejections_per_minute: int = 20) -> None:
+                 max_pending: int = 4, max_pending_per_command: int = 1, rejections_per_minute: int = 20,
+                 urgent: Collection[str] = ()) -> None:
         self.topics = topics
         self.handlers = dict(handlers)
         self.auth = auth
         self._followed = followed
         self._on_event = on_event
+        # commands run one at a time in arrival order; ``urgent`` ones (rollback) on a lane of their
+        # own, so a rollback never waits behind a slow update or self-test
         self._queue: queue.Queue[Command | None] = queue.Queue()
+        self._urgent = frozenset(urgent)
+        self._lanes: dict[str, queue.Queue[Command | None]] = {"main": self._queue}
+        if self._urgent:
+            self._lanes["urgent"] = queue.Queue()
+        self._threads: list[threading.Thread] = []
         self._max_pending = max_pending
         self._max_per_name = max_pending_per_command
         self._pending: Counter[str] = Counter()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
         self._reject_budget = rejections_per_minute
         self._reject_window = (0.0, 0)  # (window start, events published in it)
         self._suppressed = 0
@@ -129,7 +137,7 @@ class CommandDispatcher:
         while len(self._seen) > SEEN_IDS:
             self._seen.popitem(last=False)
         self._pending[cmd.name] += 1
-        self._queue.put_nowait(cmd)
+        self._lanes["urgent" if cmd.name in self._urgent else "main"].put_nowait(cmd)
 
     def _reject(self, topic: str, reason: str, cid: str | None, code: RejectCode) -> None:
         name = topic.rsplit("/", 1)[-1]
@@ -152,32 +160,37 @@ class CommandDispatcher:
     # ------------------------------------------------------------------------ worker side
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="mqtt-commands", daemon=True)
-            self._thread.start()
+        if not self._threads:
+            for lane, q in self._lanes.items():
+                t = threading.Thread(target=self._run, args=(q,), name=f"mqtt-commands-{lane}", daemon=True)
+                t.start()
+                self._threads.append(t)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the running command; queued ones are answered as failed (not run)."""
-        if self._thread is None:
+        """Stop after the running commands; queued ones are answered as failed (not run)."""
+        if not self._threads:
             return
         pending: list[Command] = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                pending.append(item)
-                self._taken(item)
+        for q in self._lanes.values():
+            while True:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    pending.append(item)
+                    self._taken(item)
         for cmd in pending:
             self._answer(cmd, "not run: the agent is shutting down", None)
-        self._queue.put(None)
-        self._thread.join(timeout)
-        self._thread = None
+        for q in self._lanes.values():
+            q.put(None)
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
 
-    def _run(self) -> None:
+    def _run(self, q: queue.Queue[Command | None]) -> None:
         while True:
-            cmd = self._queue.get()
+            cmd = q.get()
             if cmd is None:
                 return
             self._taken(cmd)

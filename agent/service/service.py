@@ -225,4 +225,4 @@ class Service:
         return CommandDispatcher(self.topics, {"update": update, "rollback": rollback, "selftest": selftest},
                                  self.events.put, auth=auth, followed=followed, max_pending=ctl.max_pending,
                                  max_pending_per_command=ctl.max_pending_per_command,
-                                 rejections_per_minute=ctl.rejections_per_minute)
+                                 rejections_per_minute=ctl.rejections_per_minute, urgent={"rollback"})
