@@ -187,6 +187,14 @@ def test_only_fresh_unseen_signed_commands_for_this_device_run(tmp_path: Path, m
         store = tmp_path / "state" / "models" / MODEL
         assert (store / "current").resolve().name == "1.0.0"  # nothing refused ran
 
+        # the operator's tool: edge-deploy command send signs, publishes and waits for the final answer
+        from deploy.cli import main as deploy_main
+
+        rc = deploy_main(["command", "send", "selftest", "--key", str(key.private), "--device", DEVICE,
+                          "--model", MODEL, "--broker", f"127.0.0.1:{mosquitto.port}", "--correlation-id",
+                          "cli-1", "--timeout", "120"])
+        assert rc == 0 and console.final("cli-1")["kind"] == "command.completed"
+
         # the nonce store is durable: after a restart the same signed message is still a replay
         assert agent.stop() == 0
         agent.start()
