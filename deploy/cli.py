@@ -26,6 +26,7 @@ STAGES = (
     "deploy.publish",
     "deploy.verify",
     "deploy.build",
+    "deploy.command",
 )
 
 

@@ -33,8 +33,9 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     atomic_write(path, data, mode=mode)
 
 
-def keygen(out_dir: Path, force: bool = False) -> tuple[Path, Path]:
-    """Create ``out_dir/signing.key`` (0600) and ``out_dir/signing.pub`` (0644).
+def keygen(out_dir: Path, force: bool = False, name: str = "signing") -> tuple[Path, Path]:
+    """Create ``out_dir/<name>.key`` (0600) and ``out_dir/<name>.pub`` (0644); ``name`` "signing"
+    for the registry, e.g. "operator" for a key that signs commands (``edge-deploy command``).
 
     Refuses to overwrite an existing key unless ``force`` (a lost key cannot be recovered and
     every agent trusting it would need the new public key). Returns (private, public) paths.
@@ -48,7 +49,9 @@ def keygen(out_dir: Path, force: bool = False) -> tuple[Path, Path]:
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    priv_path, pub_path = out_dir / PRIVATE_NAME, out_dir / PUBLIC_NAME
+    if not name or "/" in name or name.startswith("."):
+        raise SigningError(f"key name {name!r}: expected a plain file name without extension")
+    priv_path, pub_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
     if not force and (priv_path.exists() or pub_path.exists()):
         raise SigningError(f"{priv_path} or {pub_path} already exists; pass --force to replace the key pair")
     key = Ed25519PrivateKey.generate()
@@ -97,16 +100,18 @@ def add_parser(subparsers: Any) -> None:
     """Register ``edge-deploy keygen``."""
     p = subparsers.add_parser(
         "keygen",
-        help="create an Ed25519 signing key pair for the model registry",
-        description="Write DIR/signing.key (Ed25519 private key, PEM, mode 0600) and DIR/signing.pub "
-        "(PEM public key to install on the agents).",
+        help="create an Ed25519 key pair: registry signing, or an operator key for commands",
+        description="Write DIR/NAME.key (Ed25519 private key, PEM, mode 0600) and DIR/NAME.pub "
+        "(PEM public key to install on the agents: [registry] public_key, or [control] operator_keys).",
     )
-    p.add_argument("--out", type=Path, required=True, help="folder for signing.key and signing.pub")
+    p.add_argument("--out", type=Path, required=True, help="folder for NAME.key and NAME.pub")
+    p.add_argument("--name", default="signing",
+                   help="file name of the pair (default signing: the registry key; e.g. operator for commands)")
     p.add_argument("--force", action="store_true", help="replace an existing key pair")
     p.set_defaults(func=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
-    priv, pub = keygen(args.out, args.force)
+    priv, pub = keygen(args.out, args.force, args.name)
     print(f"private key: {priv} (mode 600; keep it secret)\npublic key:  {pub} (key id {key_id(pub.read_bytes())})")
     return 0

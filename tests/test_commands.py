@@ -14,6 +14,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import ResultCollector
+from operator_keys import OperatorKey
 from test_pull import RegistryServer
 from test_updater import (
     Built,
@@ -50,6 +51,12 @@ TOPICS = Topics(PREFIX, DEVICE)
 KNOWN = frozenset({"update", "rollback", "selftest"})
 
 
+@pytest.fixture(scope="module")
+def opkey(tmp_path_factory: pytest.TempPathFactory) -> OperatorKey:
+    """The operator key every device here trusts (commands are signed, never sent unsigned)."""
+    return OperatorKey(tmp_path_factory.mktemp("operator"))
+
+
 # ----------------------------------------------------------------------------- parsing
 
 
@@ -82,7 +89,7 @@ def test_a_valid_command() -> None:
     assert parse_command(TOPICS, f"{TOPICS.base}/cmd/update", b'{"correlation_id":"op-2"}', KNOWN).model is None
 
 
-def test_handler_results_failures_and_crashes_are_answered() -> None:
+def test_handler_results_failures_and_crashes_are_answered(opkey: OperatorKey) -> None:
     events: list[Event] = []
 
     def crash(cmd: Command) -> None:
@@ -96,7 +103,7 @@ def test_handler_results_failures_and_crashes_are_answered() -> None:
         "rollback": refuse,
         "selftest": crash,
     }
-    d = CommandDispatcher(TOPICS, handlers, events.append)
+    d = CommandDispatcher(TOPICS, handlers, events.append, auth=opkey.auth(DEVICE))
     for i, name in enumerate(("update", "rollback", "selftest")):
         d.run_one(Command(name, f"c{i}", None, 0.0))
     kinds = [(e.kind, e.fields["correlation_id"], e.fields["error"]) for e in events]
@@ -106,7 +113,7 @@ def test_handler_results_failures_and_crashes_are_answered() -> None:
     assert events[0].fields["result"][0]["stage"] == "download"  # the outcome travels with the answer
 
 
-def test_answers_are_the_typed_command_events() -> None:
+def test_answers_are_the_typed_command_events(opkey: OperatorKey) -> None:
     """command.* answers carry exactly the fields of their agent/core/events/ models; handler
     results (the core outcome types) travel field by field in ``result``."""
     events: list[Event] = []
@@ -116,12 +123,12 @@ def test_answers_are_the_typed_command_events() -> None:
         "rollback": lambda c: RollbackOutcome("m", "1.0.0", "1.1.0", "int8"),
         "update": lambda c: None,
     }
-    d = CommandDispatcher(TOPICS, handlers, events.append)
+    d = CommandDispatcher(TOPICS, handlers, events.append, auth=opkey.auth(DEVICE))
     d.run_one(Command("selftest", "s-1", "m", 0.0))
     d.run_one(Command("rollback", "r-1", None, 0.0))
     d.run_one(Command("update", "u-1", None, 0.0))
-    d(f"{TOPICS.base}/cmd/update", b'{"correlation_id": "u-2"}')  # queued (not started): accepted
-    d(f"{TOPICS.base}/cmd/reboot", b'{"correlation_id": "x-1"}')
+    d(f"{TOPICS.base}/cmd/update", opkey.sign("update", "u-2", device=DEVICE))  # queued (not started): accepted
+    d(f"{TOPICS.base}/cmd/reboot", opkey.sign("reboot", "x-1", device=DEVICE))
     assert [(e.kind, e.severity) for e in events] == [
         ("command.failed", "error"), ("command.completed", "info"), ("command.completed", "info"),
         ("command.accepted", "info"), ("command.rejected", "warning")]
@@ -142,7 +149,7 @@ def test_answers_are_the_typed_command_events() -> None:
         parse_event(event_payload(e, DEVICE))
 
 
-def test_queue_full_and_shutdown() -> None:
+def test_queue_full_and_shutdown(opkey: OperatorKey) -> None:
     events: list[Event] = []
     gate = threading.Event()
     ran: list[str] = []
@@ -152,17 +159,21 @@ def test_queue_full_and_shutdown() -> None:
         ran.append(cmd.correlation_id)
         return {"ok": "yes"}
 
-    d = CommandDispatcher(TOPICS, {"update": slow}, events.append, max_pending=1)
+    d = CommandDispatcher(TOPICS, {"update": slow}, events.append, auth=opkey.auth(DEVICE), max_pending=1)
     d.start()
     topic = f"{TOPICS.base}/cmd/update"
-    d(topic, b'{"correlation_id":"1"}')
+    d(topic, opkey.sign("update", "1", device=DEVICE))
     assert wait_until(lambda: d._queue.empty(), 5)  # "1" is running
-    d(topic, b'{"correlation_id":"2"}')  # queued
-    d(topic, b'{"correlation_id":"3"}')  # no room
-    assert [e.fields["reason"] for e in events if e.kind == "command.rejected"] == [
-        "busy: too many commands queued; try again later"]
+    d(topic, opkey.sign("update", "2", device=DEVICE))  # queued
+    busy = opkey.sign("update", "3", device=DEVICE)
+    d(topic, busy)  # no room
+    assert [(e.fields["code"], e.fields["reason"]) for e in events if e.kind == "command.rejected"] == [
+        ("busy", "busy: too many update commands queued; try again later")]
     gate.set()
     assert wait_until(lambda: ran == ["1", "2"], 5)
+    # busy used up neither the correlation id nor the nonce: the very same message is accepted now
+    d(topic, busy)
+    assert wait_until(lambda: ran == ["1", "2", "3"], 5)
     d.stop()
     assert [e.kind for e in events if e.fields["correlation_id"] == "2"] == ["command.accepted", "command.completed"]
 
@@ -184,7 +195,8 @@ class Device:
     """The device side: outbox + MqttPublisher + CommandDispatcher + ModelUpdater, as the service
     wires them (events of both go through the durable outbox)."""
 
-    def __init__(self, tmp: Path, port: int, registry_url: str, pub_key: Path, protocol: str = "5") -> None:
+    def __init__(self, tmp: Path, port: int, registry_url: str, pub_key: Path, opkey: OperatorKey,
+                 protocol: str = "5") -> None:
         self.state = tmp / "state"
         self.state.mkdir(parents=True, exist_ok=True)
         self.conn = connect(self.state / "state.db")
@@ -199,7 +211,7 @@ class Device:
             "update": lambda c: self.updater.pull_now([c.model] if c.model else None, correlation_id=c.correlation_id),
             "rollback": lambda c: self.updater.rollback(c.model, correlation_id=c.correlation_id),
             "selftest": self.selftest,
-        }, self.emit)
+        }, self.emit, auth=opkey.auth(DEVICE, connect(self.state / "state.db")), urgent={"rollback"})
         cfg = MqttConfig(host="127.0.0.1", port=port, topic_prefix=PREFIX, protocol=protocol)  # type: ignore[arg-type]
         self.publisher = MqttPublisher(cfg, DEVICE, self.outbox, birth=self.birth, on_command=self.dispatcher,
                                        reconnect_delay_s=(0.1, 0.5), poll_interval_s=0.2)
@@ -229,11 +241,12 @@ class Device:
 
 
 @pytest.fixture
-def make_device(tmp_path: Path, mosquitto: Any, server: RegistryServer, built: Built) -> Iterator[Callable[..., Device]]:
+def make_device(tmp_path: Path, mosquitto: Any, server: RegistryServer, built: Built,
+                opkey: OperatorKey) -> Iterator[Callable[..., Device]]:
     devices: list[Device] = []
 
     def make(protocol: str = "5") -> Device:
-        d = Device(tmp_path / f"dev{len(devices)}", mosquitto.port, server.url, built.pub, protocol)
+        d = Device(tmp_path / f"dev{len(devices)}", mosquitto.port, server.url, built.pub, opkey, protocol)
         devices.append(d)
         return d
 
@@ -245,11 +258,18 @@ def make_device(tmp_path: Path, mosquitto: Any, server: RegistryServer, built: B
 class Operator:
     """A fleet operator's MQTT client: sends commands, reads events."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, key: OperatorKey) -> None:
         self.events = ResultCollector(port, f"{PREFIX}/{DEVICE}/events")
+        self.key = key
 
     def send(self, name: str, payload: bytes | dict[str, Any], *, retain: bool = False) -> None:
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        """Publish ``payload``: bytes as they are; a dict ``{"correlation_id", ...args}`` signed
+        with the operator key (agent/core/envelope.py)."""
+        if isinstance(payload, dict):
+            args = {k: v for k, v in payload.items() if k != "correlation_id"}
+            data = self.key.sign(name, payload["correlation_id"], device=DEVICE, args=args)
+        else:
+            data = payload
         info = self.events.client.publish(f"{PREFIX}/{DEVICE}/cmd/{name}", data, qos=1, retain=retain)
         info.wait_for_publish(5)
 
@@ -267,8 +287,8 @@ class Operator:
 
 
 @pytest.fixture
-def operator(mosquitto: Any) -> Iterator[Operator]:
-    op = Operator(mosquitto.port)
+def operator(mosquitto: Any, opkey: OperatorKey) -> Iterator[Operator]:
+    op = Operator(mosquitto.port, opkey)
     yield op
     op.close()
 
@@ -334,17 +354,17 @@ def test_unknown_and_malformed_commands_over_mosquitto(make_device: Callable[...
     device.start()
     operator.send("reboot", {"correlation_id": "x-1"})
     operator.send("update", b"{not json")
-    operator.send("update", {"model": MODEL})
+    operator.send("update", json.dumps({"model": MODEL}).encode())  # unsigned
     operator.send("update", {"correlation_id": "x-2", "verbose": True})
     assert wait_until(lambda: len([m for m in operator.events.messages]) >= 4, 10)
     docs = [parse_event(p) for _t, p in operator.events.messages]
     assert all(d["kind"] == "command.rejected" and d["severity"] == "warning" for d in docs)
-    got = [(d["fields"]["command"], d["fields"]["correlation_id"], d["fields"]["reason"].split(":")[0].split(" (")[0])
-           for d in docs]
-    assert got == [("reboot", "x-1", "unknown command 'reboot'"),
-                   ("update", None, "payload is not UTF-8 JSON"),
-                   ("update", None, "correlation_id missing or not 1-128 printable ASCII characters without spaces"),
-                   ("update", "x-2", "unknown field(s) verbose")]
+    got = [(d["fields"]["command"], d["fields"]["correlation_id"], d["fields"]["code"],
+            d["fields"]["reason"].split(":")[0].split(" (")[0]) for d in docs]
+    assert got == [("reboot", "x-1", "unknown_command", "unknown command 'reboot'"),
+                   ("update", None, "malformed", "payload is not UTF-8 JSON"),
+                   ("update", None, "unsigned", "unsigned command refused"),
+                   ("update", "x-2", "malformed", "unknown arg(s) verbose")]
     assert device.store.current_version(MODEL) is None  # nothing ran
     assert device.activator.calls == []
 
@@ -382,6 +402,7 @@ def test_the_service_wires_updates_and_commands(mosquitto: Any, operator: Operat
         "pipeline": {"threads": 1},
         "models": {"dir": str(Path(__file__).resolve().parents[1] / "models")},
         "registry": {"url": server.url, "public_key": str(built.pub), "poll_interval_s": 0, "min_free_mb": 0},
+        "control": {"operator_keys": [str(operator.key.public)]},
     })
     service = Service(cfg)
     service.start()

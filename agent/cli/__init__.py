@@ -37,8 +37,10 @@ def _host_port(value: str) -> tuple[str, int]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.core.log import setup_logging
+    from agent.core.util import set_private_umask
     from agent.service import Service
 
+    set_private_umask()  # spool, quarantine, database, outbox, models: the agent's user's only
     cfg = load_config(args.config)
     setup_logging(cfg.logging.level, cfg.logging.format)
     service = Service(cfg)
@@ -98,10 +100,12 @@ def cmd_results(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     """Pull, self-test and activate the registry's latest versions now; 1 when one could not be."""
     from agent.core.log import setup_logging
+    from agent.core.util import set_private_umask
     from agent.updates.store import ModelStore
     from agent.updates.updater import updater_from_config
     from agent.variants import VariantManager  # imported here: it loads inference backends
 
+    set_private_umask()  # writes the agent's state (models, database) like the daemon does
     cfg = load_config(args.config)
     setup_logging(cfg.logging.level, cfg.logging.format)
     cfg.storage.dir.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,8 @@ def broker_settings(args: argparse.Namespace) -> tuple[BrokerSettings, str]:
     prefix = "edge"
     if args.config is not None:
         m = load_config(args.config).mqtt
-        base = BrokerSettings(m.host, m.port, m.protocol, m.username, m.password, m.tls.enabled,
+        base = BrokerSettings(m.host, m.port, m.protocol, m.username,
+                              m.password.get_secret_value() if m.password is not None else None, m.tls.enabled,
                               None if m.tls.cafile is None else str(m.tls.cafile),
                               None if m.tls.certfile is None else str(m.tls.certfile),
                               None if m.tls.keyfile is None else str(m.tls.keyfile))

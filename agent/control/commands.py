@@ -4,14 +4,20 @@ The publisher hands every message on ``cmd/#`` to ``CommandDispatcher`` (paho's 
 The dispatcher only parses and queues there; handlers (a pull, a rollback, self-tests: seconds to
 minutes) run one at a time on the dispatcher's own thread, so MQTT keeps flowing meanwhile.
 
-Payload (UTF-8 JSON object, at most 64 KiB)::
+Payload (UTF-8 JSON object, at most 64 KiB): a command signed by an operator key this device
+trusts (agent/core/envelope.py; checked by agent/control/auth.py: signature, target device,
+freshness, nonce never seen)::
 
-    {"correlation_id": "op-42", "model": "ct-abdomen-seg"}     # model optional
+    {"signed": "{\"args\":{\"model\":\"ct-abdomen-seg\"},\"command\":\"rollback\",...}", "signature": "..."}
+
+or, only where ``[control] allow_unsigned`` (labs), ``{"correlation_id": "op-42", "model": "..."}``.
+A command may name only a model this device follows.
 
 Every command is answered on ``events`` with its ``correlation_id`` in ``fields``:
 ``command.accepted`` (queued), then ``command.completed`` or ``command.failed``; a command that
-cannot be run is answered with ``command.rejected`` and the reason (unknown command, malformed
-payload, a correlation id seen before, queue full). Retained messages on ``cmd/#`` are never run
+cannot be run is answered with ``command.rejected``, its ``code`` and the reason (unsigned, bad
+signature, unknown key, stale, replay, not for this device, model not followed, unknown command,
+malformed payload, a correlation id seen before, busy: queue full). Retained messages on ``cmd/#`` are never run
 (the publisher drops them: a stale command must not re-run at every reconnect). Duplicates matter:
 MQTT QoS 1 delivers at least once, and running ``rollback`` twice rolls forward again.
 
@@ -25,17 +31,15 @@ false. The answers are the typed events ``CommandAccepted``, ``CommandRejected``
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import queue
-import re
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Collection, Mapping
 
+from agent.control.auth import CommandAuth
+from agent.control.message import MAX_PAYLOAD, Command, CommandRejected, RejectCode, parse_command
 from agent.core import events
 from agent.core.errors import EdgeAgentError
 from agent.core.events import CommandResult, plain
@@ -43,154 +47,158 @@ from agent.core.log import log_event
 from agent.core.topics import Topics
 from agent.core.types import Event
 
+__all__ = ["MAX_PAYLOAD", "SEEN_IDS", "Command", "CommandDispatcher", "CommandRejected", "Handler", "parse_command"]
+
 logger = logging.getLogger(__name__)
 
-MAX_PAYLOAD = 64 * 1024
 #: correlation ids remembered to answer duplicates (QoS 1 re-deliveries) instead of re-running
 SEEN_IDS = 1024
-_CORRELATION_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
-_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-_FIELDS = {"correlation_id", "model"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Command:
-    """One accepted command: its ``name`` (the topic's last level), the sender's
-    ``correlation_id``, the ``model`` it targets (None: the handler's default) and when it arrived."""
-
-    name: str
-    correlation_id: str
-    model: str | None
-    received_at: float
-
-
-class CommandRejected(EdgeAgentError):
-    """A command message that cannot be run; the message is the reason sent back."""
-
-    def __init__(self, reason: str, correlation_id: str | None = None) -> None:
-        super().__init__(reason)
-        self.correlation_id = correlation_id
 
 
 #: runs one command; what it returns is the ``result`` of the answer
 Handler = Callable[[Command], CommandResult]
 
 
-def parse_command(topics: Topics, topic: str, payload: bytes, known: set[str] | frozenset[str]) -> Command:
-    """Validate one message on ``cmd/#``; returns the Command or raises CommandRejected.
-
-    The correlation id is read first (when the payload is a JSON object), so even a rejection of
-    an otherwise broken command can be matched by the sender.
-    """
-    prefix = topics.base + "/cmd/"
-    name = topic[len(prefix):] if topic.startswith(prefix) else ""
-    cid: str | None = None
-    doc: Any = None
-    if len(payload) > MAX_PAYLOAD:
-        raise CommandRejected(f"payload of {len(payload)} bytes is larger than {MAX_PAYLOAD}")
-    try:
-        doc = json.loads(payload.decode("utf-8")) if payload.strip() else None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CommandRejected(f"payload is not UTF-8 JSON: {exc}") from exc
-    if isinstance(doc, dict) and isinstance(doc.get("correlation_id"), str):
-        cid = doc["correlation_id"] if _CORRELATION_ID.match(doc["correlation_id"]) else None
-    if name not in known:
-        raise CommandRejected(f"unknown command {name!r} (known: {', '.join(sorted(known))})", cid)
-    if not isinstance(doc, dict):
-        raise CommandRejected('payload must be a JSON object like {"correlation_id": "..."}', cid)
-    extra = sorted(set(doc) - _FIELDS)
-    if extra:
-        raise CommandRejected(f"unknown field(s) {', '.join(extra)} (allowed: correlation_id, model)", cid)
-    if cid is None:
-        raise CommandRejected("correlation_id missing or not 1-128 printable ASCII characters without spaces")
-    model = doc.get("model")
-    if model is not None and (not isinstance(model, str) or not _MODEL.match(model)):
-        raise CommandRejected(f"model {model!r} is not a model name", cid)
-    return Command(name, cid, model, time.time())
-
-
 class CommandDispatcher:
-    """Parses, de-duplicates and queues commands; runs their handlers on one worker thread.
+    """Verifies, de-duplicates and queues commands; runs their handlers on one worker thread.
 
     ``topics``: this device's topics; ``handlers``: command name -> handler; ``on_event``: where
-    answers go (the service's outbox). Call ``start()`` before wiring ``self`` as the publisher's
-    ``on_command`` and ``stop()`` on shutdown. ``max_pending``: queued commands beyond the one
-    running; more are rejected (``busy``) rather than piling up.
+    answers go (the service's outbox); ``auth``: who may command (signatures, freshness, nonces);
+    ``followed``: the models a command may name (None: any). Call ``start()`` before wiring
+    ``self`` as the publisher's ``on_command`` and ``stop()`` on shutdown. ``max_pending``: queued
+    commands beyond the one running, ``max_pending_per_command`` of one name; more are rejected
+    (``busy``, the correlation id and nonce stay unused so the same command can be sent again).
+    ``rejections_per_minute``: ``command.rejected`` events published at most (the rest are logged
+    and counted in the next one's ``suppressed``). ``urgent``: commands (rollback) that run on a
+    second thread, never queued behind a slow update.
     """
 
     def __init__(self, topics: Topics, handlers: Mapping[str, Handler], on_event: Callable[[Event], None],
-                 *, max_pending: int = 16) -> None:
+                 *, auth: CommandAuth, followed: Callable[[], Collection[str]] | None = None,
+                 max_pending: int = 4, max_pending_per_command: int = 1, rejections_per_minute: int = 20,
+                 urgent: Collection[str] = ()) -> None:
         self.topics = topics
         self.handlers = dict(handlers)
+        self.auth = auth
+        self._followed = followed
         self._on_event = on_event
-        self._queue: queue.Queue[Command | None] = queue.Queue(max_pending)
+        # commands run one at a time in arrival order; ``urgent`` ones (rollback) on a lane of their
+        # own, so a rollback never waits behind a slow update or self-test
+        self._queue: queue.Queue[Command | None] = queue.Queue()
+        self._urgent = frozenset(urgent)
+        self._lanes: dict[str, queue.Queue[Command | None]] = {"main": self._queue}
+        if self._urgent:
+            self._lanes["urgent"] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._max_pending = max_pending
+        self._max_per_name = max_pending_per_command
+        self._pending: Counter[str] = Counter()
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._seen_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._reject_budget = rejections_per_minute
+        self._reject_window = (0.0, 0)  # (window start, events published in it)
+        self._suppressed = 0
 
     # ------------------------------------------------------------------ paho thread side
 
     def __call__(self, topic: str, payload: bytes) -> None:
-        """The publisher's ``on_command``: validate and queue; answer rejections at once."""
+        """The publisher's ``on_command``: verify and queue; answer refusals at once."""
         try:
-            cmd = parse_command(self.topics, topic, payload, frozenset(self.handlers))
+            cmd = self.auth.admit(self.topics, topic, payload, frozenset(self.handlers))
+            self._check_followed(cmd)
+            with self._lock:
+                self._enqueue(cmd)
         except CommandRejected as exc:
-            self._reject(topic, str(exc), exc.correlation_id)
-            return
-        with self._seen_lock:
-            duplicate = cmd.correlation_id in self._seen
-            if not duplicate:
-                self._seen[cmd.correlation_id] = None
-                while len(self._seen) > SEEN_IDS:
-                    self._seen.popitem(last=False)
-        if duplicate:
-            self._reject(topic, "duplicate correlation_id: this command was already received (a QoS 1 "
-                         "re-delivery, or reuse an id only once)", cmd.correlation_id, cmd.name)
-            return
-        try:
-            self._queue.put_nowait(cmd)
-        except queue.Full:
-            self._reject(topic, "busy: too many commands queued; try again later", cmd.correlation_id, cmd.name)
+            self._reject(topic, str(exc), exc.correlation_id, exc.code)
             return
         self._emit(events.CommandAccepted(command=cmd.name, correlation_id=cmd.correlation_id, model=cmd.model))
 
-    def _reject(self, topic: str, reason: str, cid: str | None, name: str | None = None) -> None:
-        name = name or topic.rsplit("/", 1)[-1]
-        log_event(logger, "command.rejected", logging.WARNING, topic=topic, reason=reason,
+    def _check_followed(self, cmd: Command) -> None:
+        if cmd.model is None or self._followed is None:
+            return
+        followed = self._followed()
+        if cmd.model not in followed:
+            raise CommandRejected(f"model {cmd.model!r} is not one this device follows "
+                                  f"({', '.join(sorted(followed)) or 'none'})", cmd.correlation_id, "model_not_followed")
+
+    def _enqueue(self, cmd: Command) -> None:
+        """Under the lock: refuse a replay, a duplicate id or a full queue (nothing recorded then);
+        else record the nonce (durably) and the id, and queue the command."""
+        cid = cmd.correlation_id
+        if self.auth.seen(cmd):
+            raise CommandRejected("replay: this signed command (its nonce) was already received", cid, "replay")
+        if cid in self._seen:
+            raise CommandRejected("duplicate correlation_id: this command was already received (a QoS 1 "
+                                  "re-delivery, or reuse an id only once)", cid, "duplicate")
+        if sum(self._pending.values()) >= self._max_pending or self._pending[cmd.name] >= self._max_per_name:
+            raise CommandRejected(f"busy: too many {cmd.name} commands queued; try again later", cid, "busy")
+        self.auth.remember(cmd)
+        self._seen[cid] = None
+        while len(self._seen) > SEEN_IDS:
+            self._seen.popitem(last=False)
+        self._pending[cmd.name] += 1
+        self._lanes["urgent" if cmd.name in self._urgent else "main"].put_nowait(cmd)
+
+    def _reject(self, topic: str, reason: str, cid: str | None, code: RejectCode) -> None:
+        name = topic.rsplit("/", 1)[-1]
+        log_event(logger, "command.rejected", logging.WARNING, topic=topic, code=code, reason=reason,
                   correlation_id=cid or "")
-        self._emit(events.CommandRejected(command=name, topic=topic, correlation_id=cid, reason=reason))
+        now = time.monotonic()
+        with self._lock:
+            start, sent = self._reject_window
+            if now - start >= 60.0:
+                start, sent = now, 0
+            if sent >= self._reject_budget:
+                self._suppressed += 1
+                self._reject_window = (start, sent)
+                return
+            self._reject_window = (start, sent + 1)
+            suppressed, self._suppressed = self._suppressed, 0
+        self._emit(events.CommandRejected(command=name, topic=topic, correlation_id=cid, code=code, reason=reason,
+                                          suppressed=suppressed))
 
     # ------------------------------------------------------------------------ worker side
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="mqtt-commands", daemon=True)
-            self._thread.start()
+        if not self._threads:
+            for lane, q in self._lanes.items():
+                t = threading.Thread(target=self._run, args=(q,), name=f"mqtt-commands-{lane}", daemon=True)
+                t.start()
+                self._threads.append(t)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the running command; queued ones are answered as failed (not run)."""
-        if self._thread is None:
+        """Stop after the running commands; queued ones are answered as failed (not run)."""
+        if not self._threads:
             return
         pending: list[Command] = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                pending.append(item)
+        for q in self._lanes.values():
+            while True:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    pending.append(item)
+                    self._taken(item)
         for cmd in pending:
             self._answer(cmd, "not run: the agent is shutting down", None)
-        self._queue.put(None)
-        self._thread.join(timeout)
-        self._thread = None
+        for q in self._lanes.values():
+            q.put(None)
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
 
-    def _run(self) -> None:
+    def _run(self, q: queue.Queue[Command | None]) -> None:
         while True:
-            cmd = self._queue.get()
+            cmd = q.get()
             if cmd is None:
                 return
+            self._taken(cmd)
             self.run_one(cmd)
+
+    def _taken(self, cmd: Command) -> None:
+        with self._lock:
+            self._pending[cmd.name] -= 1
 
     def run_one(self, cmd: Command) -> None:
         """Run ``cmd``'s handler and answer it (completed / failed)."""

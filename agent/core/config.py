@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from agent.core.errors import ConfigError
 
@@ -81,7 +83,8 @@ class MqttConfig(_Section):
     protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version.")
     client_id: str = Field("", description="Client id; empty: edge-agent-{device_id}.")
     username: str | None = Field(None, description="Broker user name.")
-    password: str | None = Field(None, description="Broker password.")
+    password: SecretStr | None = Field(
+        None, description="Broker password (never printed: masked in `config check --show` and in errors).")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="Optional MQTT TLS.")
     keepalive_s: int = Field(30, ge=5, description="MQTT keep-alive.")
     max_inflight: int = Field(20, ge=1, description="Unacknowledged QoS 1 messages in flight.")
@@ -193,6 +196,11 @@ class RegistryConfig(_Section):
     models: list[str] = Field(default_factory=list, description="Model names to pull and keep up to date.")
     poll_interval_s: float = Field(3600, ge=0, description="Check the registry this often (0: only on command).")
     timeout_s: float = Field(30, gt=0, description="Network timeout per request.")
+    download_deadline_s: float = Field(
+        1800, gt=0,
+        description="Overall limit for downloading one version's files (all attempts together); a stalled "
+        "transfer is abandoned then and the next pull resumes it.",
+    )
     retries: int = Field(3, ge=1, description="Attempts per file download; each resumes the last.")
     min_free_mb: int = Field(200, ge=0, description="Disk space that must remain free after an install.")
     cafile: Path | None = Field(None, description="CA bundle for an https registry with a private CA.")
@@ -313,6 +321,37 @@ class DriftConfig(_Section):
     )
 
 
+class ControlConfig(_Section):
+    """Who may command this device over MQTT (docs/mqtt.md "Commands", docs/security.md)."""
+
+    operator_keys: list[Path] = Field(
+        default_factory=list,
+        description="PEM Ed25519 public keys (edge-deploy keygen --name operator) whose signed commands this "
+        "device runs; several during rotation. Empty: every command is refused (unless allow_unsigned).",
+    )
+    allow_unsigned: bool = Field(
+        False, description="Labs only: also run unsigned commands ({\"correlation_id\", \"model\"}). Never on a "
+        "device that serves patients: anyone who can publish to the broker could then command it.",
+    )
+    max_age_s: float = Field(
+        300, gt=0, description="A signed command older than this (by its issued_at) is refused as stale.")
+    max_clock_skew_s: float = Field(
+        30, ge=0, description="How far in the future a command's issued_at may be (the operator's clock ahead).")
+    max_pending: int = Field(4, ge=1, description="Commands queued behind the running one; more are refused (busy).")
+    max_pending_per_command: int = Field(
+        1, ge=1, description="Queued commands of one name (e.g. selftest) behind the running one; more are busy.")
+    rejections_per_minute: int = Field(
+        20, ge=1,
+        description="command.rejected events published per minute at most; beyond that they are counted and "
+        "the next event says how many were suppressed (each is still logged).",
+    )
+
+    @field_validator("operator_keys", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        return [v] if isinstance(v, (str, Path)) else v
+
+
 class Config(_Section):
     device_id: str = Field("edge-dev", description="Names this device in topics and results.")
     dicom: DicomConfig = Field(default_factory=DicomConfig)
@@ -330,6 +369,7 @@ class Config(_Section):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     series_limits: SeriesLimitsConfig = Field(default_factory=SeriesLimitsConfig)
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
 
     @field_validator("device_id")
     @classmethod
@@ -358,7 +398,37 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
+def _field_at(path: Sequence[str | int]) -> Any:
+    """The pydantic field at ``path`` (names) under Config, or None when there is none."""
+    model: Any = Config
+    found: Any = None
+    for part in path:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        found = model.model_fields[part]
+        model = found.annotation
+    return found
+
+
+def _is_text(annotation: Any) -> bool:
+    """A str, SecretStr or Path field (possibly optional): its value is text, never a number."""
+    args = typing.get_args(annotation)
+    if args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return all(_is_text(a) or a is type(None) for a in args)
+    if typing.get_origin(annotation) is Literal:
+        return all(isinstance(a, str) for a in args)
+    return annotation in (str, SecretStr, Path)
+
+
+def _is_secret(path: Sequence[str | int]) -> bool:
+    field = _field_at(path)
+    ann = field.annotation if field is not None else None
+    return ann is SecretStr or SecretStr in typing.get_args(ann)
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``EDGE_AGENT_A__B=v`` -> ``{"a": {"b": v}}``: a text field (str, password, path) takes the
+    value exactly as written (``123456`` stays a string); other fields parse it as a TOML value."""
     out: dict[str, Any] = {}
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX):
@@ -367,7 +437,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = _parse_env_value(raw)
+        field = _field_at(path)
+        node[path[-1]] = raw if field is not None and _is_text(field.annotation) else _parse_env_value(raw)
     return out
 
 
@@ -409,8 +480,19 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check spelling; see docs/configuration.md)"
-        lines.append(f"  {key}: {msg} (got {err.get('input')!r})")
+        got = _redacted(tuple(str(p) for p in err["loc"]), err.get("input"))
+        lines.append(f"  {key}: {msg} (got {got})")
     return "\n".join(lines)
+
+
+def _redacted(loc: tuple[str, ...], value: Any) -> str:
+    """``repr`` of an offending input, with every secret (a SecretStr field, at ``loc`` or inside a
+    section given whole) replaced: a password must never reach a terminal or a log."""
+    if _is_secret(loc):
+        return "<secret, not shown>"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_redacted((*loc, str(k)), v)}" for k, v in value.items()) + "}"
+    return repr(value)
 
 
 def render_reference() -> str:

@@ -8,11 +8,17 @@ timeout so the listener, assembler and outbox can share the file across threads 
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
+from agent.core.util import PRIVATE_FILE, tighten
+
 #: how long a statement waits for another writer's lock (``supervision.db_busy_timeout_s``)
 BUSY_TIMEOUT_S = 30.0
+
+#: SQLite's companions of the database file (WAL mode), created with the database file's mode
+COMPANIONS = ("-wal", "-shm", "-journal")
 
 
 def connect(path: Path | str, busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
@@ -25,12 +31,22 @@ def connect(path: Path | str, busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # created 0600 before SQLite opens it: SQLite gives -wal and -shm the database file's mode
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+    tighten_files(path)
     conn = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
     conn.row_factory = sqlite3.Row
     return conn
+
+
+def tighten_files(path: Path) -> list[str]:
+    """chmod 0600 the database file and its -wal/-shm where group or others can read them (files
+    an older version made under umask 022); returns the names it tightened."""
+    return [p.name for p in (path, *(path.with_name(path.name + s) for s in COMPANIONS))
+            if tighten(p, PRIVATE_FILE)]
 
 
 class transaction:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agent.core import signing
 from agent.core.errors import RegistryError
 from agent.core.util import sha256_bytes, sha256_file
 
@@ -59,8 +60,7 @@ __all__ = [
 #: bumped on incompatible changes; the agent refuses manifests with a newer major schema.
 #: 2: per-family gate verdicts (``Variant.isa_gates``), ``fast_on`` hints, the signed validation set
 SCHEMA_VERSION = 2
-#: Ed25519 signatures are always 64 bytes
-SIGNATURE_SIZE = 64
+SIGNATURE_SIZE = signing.SIGNATURE_SIZE
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CC = re.compile(r"^\d+\.\d+$")
@@ -406,47 +406,19 @@ def canonical_json(doc: Any) -> bytes:
 
 
 def load_public_key(pem: bytes) -> Any:
-    """Parse a PEM Ed25519 public key; RegistryError if it is not one."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-    try:
-        key = load_pem_public_key(pem)
-    except ValueError as exc:
-        raise RegistryError(f"not a PEM public key: {exc}") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise RegistryError(f"registry keys must be Ed25519, got {type(key).__name__}")
-    return key
+    """Parse a PEM Ed25519 public key; RegistryError if it is not one (agent.core.signing)."""
+    return signing.load_public_key(pem, RegistryError)
 
 
 def key_id(pem: bytes) -> str:
-    """Short, stable id of a public key: first 16 hex digits of SHA-256 of its raw 32 bytes."""
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    raw = load_public_key(pem).public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return sha256_bytes(raw)[:16]
+    """Short, stable id of a public key (agent.core.signing.key_id)."""
+    return signing.key_id(pem)
 
 
 def verify_signature(data: bytes, sig: bytes, public_keys: Sequence[bytes]) -> str:
-    """Check an Ed25519 signature over ``data`` against any of the trusted PEM ``public_keys``.
-
-    Returns the key_id of the key that verified; raises RegistryError when the signature is
-    malformed or no trusted key verifies it (more than one key is allowed so keys can rotate).
-    """
-    from cryptography.exceptions import InvalidSignature
-
-    if not public_keys:
-        raise RegistryError("no trusted public keys configured: cannot verify the registry")
-    if len(sig) != SIGNATURE_SIZE:
-        raise RegistryError(f"signature is {len(sig)} bytes; an Ed25519 signature is {SIGNATURE_SIZE}")
-    for pem in public_keys:
-        key = load_public_key(pem)
-        try:
-            key.verify(sig, data)
-        except InvalidSignature:
-            continue  # try the next trusted key (rotation); failure is reported below
-        return key_id(pem)
-    raise RegistryError(f"signature does not verify with any of the {len(public_keys)} trusted key(s)")
+    """Check an Ed25519 signature over ``data`` against any of the trusted PEM ``public_keys``
+    (agent.core.signing); returns the verifying key's id, RegistryError when none verifies."""
+    return signing.verify_signature(data, sig, public_keys, RegistryError)
 
 
 def parse_manifest(manifest_bytes: bytes) -> Manifest:

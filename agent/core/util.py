@@ -20,6 +20,40 @@ from pathlib import Path
 
 _CHUNK = 1 << 20  # 1 MiB: models and DICOM files can be large; hashing never reads them whole
 
+#: the agent's state (spool, quarantine, database, outbox, models) is its user's alone: patient
+#: names are inside. The daemon sets this umask at start (``set_private_umask``) and creates its
+#: files and folders with these modes explicitly as well, so neither depends on the other.
+PRIVATE_UMASK = 0o077
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
+
+
+# ---- private files ------------------------------------------------------------------------------
+def set_private_umask() -> int:
+    """Make every file this process creates from now on ``0600``/``0700``; returns the old umask."""
+    return os.umask(PRIVATE_UMASK)
+
+
+def private_dir(path: Path | str) -> bool:
+    """``mkdir -p`` ``path`` with mode 0700; an existing folder that group or others can access
+    (made by an older version under umask 022) is tightened to 0700. True when it tightened one."""
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    return tighten(p, PRIVATE_DIR)
+
+
+def tighten(path: Path | str, mode: int) -> bool:
+    """chmod ``path`` to ``mode`` when it grants group/others anything; True when it changed it.
+    A missing path is left alone (False)."""
+    try:
+        current = os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        return False
+    if not current & 0o077:
+        return False
+    os.chmod(path, mode)
+    return True
+
 
 # ---- durable files ------------------------------------------------------------------------------
 def fsync_dir(path: Path | str) -> None:

@@ -193,7 +193,7 @@ class MqttPublisher:
             # paho annotates whole seconds; it sleeps with whatever it is given, and tests use 0.2 s
             client.reconnect_delay_set(min_delay=lo, max_delay=hi)  # type: ignore[arg-type]
             if cfg.username is not None:
-                client.username_pw_set(cfg.username, cfg.password)
+                client.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
             if cfg.tls.enabled:
                 client.tls_set(
                     ca_certs=str(cfg.tls.cafile) if cfg.tls.cafile else None,

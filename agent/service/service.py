@@ -29,7 +29,9 @@ import time
 from typing import Any
 
 from agent import __version__
+from agent.control.auth import CommandAuth
 from agent.control.commands import Command, CommandDispatcher
+from agent.core import db
 from agent.core.config import Config
 from agent.core.errors import RegistryError
 from agent.core.events import CommandResult
@@ -230,5 +232,13 @@ class Service:
         def selftest(c: Command) -> CommandResult:
             return self.stages.variants.selftest(c.model, correlation_id=c.correlation_id)
 
+        def followed() -> set[str]:  # a command may name only these ([registry] models, installed, loaded)
+            return set(self.cfg.registry.models) | set(self.models) | set(self.stages.store.models())
+
+        ctl = self.cfg.control
+        auth = CommandAuth.from_config(ctl, self.cfg.device_id, db.connect(
+            self.cfg.db_path, busy_timeout_s=self.cfg.supervision.db_busy_timeout_s))
         return CommandDispatcher(self.topics, {"update": update, "rollback": rollback, "selftest": selftest},
-                                 self.events.put)
+                                 self.events.put, auth=auth, followed=followed, max_pending=ctl.max_pending,
+                                 max_pending_per_command=ctl.max_pending_per_command,
+                                 rejections_per_minute=ctl.rejections_per_minute, urgent={"rollback"})

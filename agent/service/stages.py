@@ -9,13 +9,15 @@ function on a temporary folder) and hands them to ``Service``.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.assembly import JobStore, SeriesAssembler
-from agent.core import db
+from agent.core import db, util
 from agent.core.config import Config
+from agent.core.log import log_event
 from agent.core.types import Event
 from agent.drift import DriftMonitor
 from agent.inference.runner import InferenceRunner
@@ -23,6 +25,8 @@ from agent.ingest.spool import Spool
 from agent.mqtt.outbox import Outbox
 from agent.updates.store import ModelStore
 from agent.variants import VariantManager
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,13 @@ class Stages:
 
 
 def build_stages(cfg: Config, on_event: Callable[[Event], None], *, fault_injection: bool = False) -> Stages:
-    for d in (cfg.storage.dir, cfg.spool_dir, cfg.quarantine_dir):
-        d.mkdir(parents=True, exist_ok=True)
+    # 0700 folders, 0600 files (patient data); older versions' wider modes are tightened, logged
+    tightened = [d.name for d in (cfg.storage.dir, cfg.spool_dir, cfg.quarantine_dir) if util.private_dir(d)]
+    tightened += [d.name for d in (cfg.spool_dir / ".pool", cfg.spool_dir / ".tmp", cfg.storage.dir / "models")
+                  if util.tighten(d, util.PRIVATE_DIR)]
+    tightened += db.tighten_files(cfg.db_path)
+    if tightened:
+        log_event(logger, "storage.permissions_tightened", logging.WARNING, paths=",".join(tightened))
     busy_s = cfg.supervision.db_busy_timeout_s
 
     def connect() -> sqlite3.Connection:

@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -113,12 +114,16 @@ class RegistryClient:
     publisher can rotate keys. ``state_dir``: the agent's state directory (models go to
     ``state_dir/models``). ``probe``: this device's capabilities (None: probed on first use).
     ``timeout_s``: per network operation; ``retries``: attempts per file download, each resuming
-    where the last stopped; ``min_free_mb``: space that must remain free after an install.
+    where the last stopped; ``min_free_mb``: space that must remain free after an install;
+    ``deadline_s``: the whole download of one install, all files and attempts together (a peer
+    that trickles bytes never trips ``timeout_s``). ``cancel``: set it to abandon a download at
+    its next block (a rollback takes precedence).
     """
 
     def __init__(self, url: str, public_keys: Sequence[Path | str | bytes], state_dir: Path,
                  probe: Probe | None = None, *, timeout_s: float = 30.0, retries: int = 3,
-                 retry_wait_s: float = 2.0, min_free_mb: int = 200, cafile: Path | None = None) -> None:
+                 retry_wait_s: float = 2.0, min_free_mb: int = 200, cafile: Path | None = None,
+                 deadline_s: float = 1800.0, cancel: threading.Event | None = None) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in {"http", "https", "file"}:
             raise RegistryError(f"registry url {url!r}: expected http://, https:// or file://")
@@ -129,6 +134,9 @@ class RegistryClient:
         self.retries = max(1, retries)
         self.retry_wait_s = retry_wait_s
         self.min_free_mb = min_free_mb
+        self.deadline_s = deadline_s
+        self.cancel = cancel or threading.Event()
+        self._deadline = float("inf")  # monotonic; set per install
         self._probe = probe
         self._keys = [self._read_key(k) for k in public_keys]
         if not self._keys:
@@ -170,7 +178,8 @@ class RegistryClient:
         url = self._url(rel)
         req = urllib.request.Request(url, headers={"User-Agent": "edge-agent", **(headers or {})})
         try:
-            return urllib.request.urlopen(req, timeout=self.timeout_s, context=self._ssl)
+            timeout = max(0.5, min(self.timeout_s, self._deadline - time.monotonic()))
+            return urllib.request.urlopen(req, timeout=timeout, context=self._ssl)
         except urllib.error.HTTPError as exc:
             exc.close()  # the error response holds the connection open otherwise
             if exc.code == 416:
@@ -299,6 +308,7 @@ class RegistryClient:
         moved = 0
         last = ""
         for attempt in range(1, self.retries + 1):
+            self._check_deadline(rel, partial, size)
             try:
                 moved += self._transfer(rel, partial, size)
                 break
@@ -308,7 +318,8 @@ class RegistryClient:
                 log_event(logger, "registry.download_interrupted", logging.WARNING, file=rel,
                           attempt=attempt, have=have, size=size, reason=last)
                 if attempt < self.retries:
-                    time.sleep(self.retry_wait_s * (2 ** (attempt - 1)))
+                    self.cancel.wait(min(self.retry_wait_s * (2 ** (attempt - 1)),
+                                         max(0.0, self._deadline - time.monotonic())))
         else:
             have = partial.stat().st_size if partial.exists() else 0
             raise RegistryError(f"download of {rel} incomplete after {self.retries} attempt(s) "
@@ -368,9 +379,11 @@ class RegistryClient:
             written = 0
             try:
                 with open(partial, mode) as f:
+                    read = getattr(resp, "read1", resp.read)  # read1: returns what arrived (a trickle too)
                     while written < want:
+                        self._check_deadline(rel, partial, size)
                         try:
-                            block = resp.read(min(CHUNK, want - written))
+                            block = read(min(CHUNK, want - written))
                         except (http.client.HTTPException, OSError) as exc:
                             raise _Interrupted(f"connection lost after {have + written} bytes: {exc}") from exc
                         if not block:
@@ -391,6 +404,18 @@ class RegistryClient:
                 partial.unlink()
                 raise RegistryError(f"{rel}: the registry serves more than the {size} bytes the manifest says")
             return written
+
+    def _check_deadline(self, rel: str, partial: Path, size: int) -> None:
+        """RegistryError (not retried) once the install's deadline passed or ``cancel`` was set; the
+        partial file stays for the next pull to resume."""
+        over = time.monotonic() > self._deadline
+        if over or self.cancel.is_set():
+            have = partial.stat().st_size if partial.exists() else 0
+            why = (f"passed registry.download_deadline_s ({self.deadline_s:g} s)" if over
+                   else "cancelled (a rollback took precedence)")
+            log_event(logger, "registry.download_abandoned", logging.WARNING, file=rel, have=have, size=size,
+                      reason="deadline" if over else "cancelled")
+            raise RegistryError(f"download of {rel} {why} with {have} of {size} bytes; the next pull resumes it")
 
     def _copy_local(self, rel: str, partial: Path, have: int, size: int) -> int:
         src = self._local_path(rel)
@@ -446,7 +471,10 @@ class RegistryClient:
         if vset is not None and any(proof_needed(v, manifest.fallback, family).decision == "gate" for v in chosen):
             files[vset.file] = (vset.sha256, vset.size)  # the device gate runs on it at activation
 
-        with self.store.lock(model):
+        # downloading holds the download lock only: a rollback (the switch lock) is never kept
+        # waiting by a slow registry; commit and switch take the switch lock briefly at the end
+        self._deadline = time.monotonic() + self.deadline_s
+        with self.store.lock(model, "download"):
             # files an installed copy of this version already has (verified when it was committed)
             final = self.store.version_dir(model, version)
             todo = {rel: spec for rel, spec in files.items()
@@ -455,20 +483,24 @@ class RegistryClient:
             self._check_space(staging, todo)
 
             moved = 0
-            for rel, (digest, size) in sorted(todo.items()):
-                dest = (staging / rel).resolve()
-                if not dest.is_relative_to(staging.resolve()):
-                    raise RegistryError(f"manifest file path {rel!r} escapes the version folder")
-                moved += self.download_file(f"{model}/{version}/{rel}", dest, sha256=digest, size=size)
+            try:
+                for rel, (digest, size) in sorted(todo.items()):
+                    dest = (staging / rel).resolve()
+                    if not dest.is_relative_to(staging.resolve()):
+                        raise RegistryError(f"manifest file path {rel!r} escapes the version folder")
+                    moved += self.download_file(f"{model}/{version}/{rel}", dest, sha256=digest, size=size)
+            finally:
+                self._deadline = float("inf")
 
-            installed = self.store.commit(model, version, todo.keys(), variants=[v.id for v in chosen],
-                                          key_id=fetched.key_id, manifest_bytes=fetched.raw,
-                                          signature=fetched.signature)
-            if switch:
-                previous = self.store.activate(model, version)
-                self.store.prune(model)
-            else:
-                previous = self.store.current_version(model)
+            with self.store.lock(model):
+                installed = self.store.commit(model, version, todo.keys(), variants=[v.id for v in chosen],
+                                              key_id=fetched.key_id, manifest_bytes=fetched.raw,
+                                              signature=fetched.signature)
+                if switch:
+                    previous = self.store.activate(model, version)
+                    self.store.prune(model)
+                else:
+                    previous = self.store.current_version(model)
         log_event(logger, "registry.installed", model=model, version=version,
                   variants=",".join(v.id for v in chosen), previous=previous or "", bytes=moved,
                   switched=switch)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from agent.core.errors import RegistryError
 from agent.core.log import log_event
-from agent.core.util import atomic_write, fsync_dir, fsync_file
+from agent.core.util import PRIVATE_FILE, atomic_write, fsync_dir, fsync_file
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def check_name(kind: str, value: str) -> str:
 def write_atomic(path: Path, data: bytes) -> None:
     """``util.atomic_write`` with the registry's error: a failed write names the file."""
     try:
-        atomic_write(path, data)
+        atomic_write(path, data, mode=PRIVATE_FILE)
     except OSError as exc:
         raise RegistryError(f"cannot write {path}: {exc}") from exc
 
@@ -180,21 +180,25 @@ class ModelStore:
     # ------------------------------------------------------------------------------- writing
 
     @contextlib.contextmanager
-    def lock(self, model: str) -> Iterator[None]:
-        """Hold ``<model>/.lock`` (flock) for an install or rollback: the daemon's poll and an
-        operator's ``edge-agent pull`` must not interleave. RegistryError when it is held elsewhere;
-        the kernel drops the lock if the holder dies, so a crash never leaves it stuck."""
+    def lock(self, model: str, purpose: str = "switch") -> Iterator[None]:
+        """Hold ``<model>/.lock`` (flock) to commit, switch or roll back (``purpose`` "switch"), or
+        ``<model>/.download.lock`` to download into the staging folder ("download"): the daemon's
+        poll and an operator's ``edge-agent pull`` must not interleave, and a slow download must not
+        keep a rollback out. RegistryError when it is held elsewhere; the kernel drops the lock if
+        the holder dies, so a crash never leaves it stuck."""
         mdir = self.model_dir(model)
+        name = ".lock" if purpose == "switch" else f".{purpose}.lock"
         try:
             mdir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(mdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(mdir / name, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
         except OSError as exc:
             raise RegistryError(f"cannot create {mdir / '.lock'}: {exc}") from exc
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
-                raise RegistryError(f"another install or rollback of {model} is in progress") from exc
+                what = "install or rollback" if purpose == "switch" else purpose
+                raise RegistryError(f"another {what} of {model} is in progress") from exc
             yield
         finally:
             os.close(fd)  # closing releases the flock

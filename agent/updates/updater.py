@@ -46,7 +46,7 @@ from agent.core.events import (
 from agent.core.log import log_event
 from agent.core.types import Event
 from agent.device.probe import Probe
-from agent.updates.client import RegistryClient
+from agent.updates.client import PullResult, RegistryClient
 from agent.updates.store import ModelStore, UpdateState, version_key
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,10 @@ class ModelUpdater:
     it the one the engines run, raising EdgeAgentError when it cannot (VariantManager.activate);
     ``on_event``: receives operator events (the service puts them in the outbox).
 
-    ``pull_now`` and ``rollback`` are serialised: the poll thread and an MQTT command never
-    interleave; another process is kept out by the store's per-model lock.
+    Pulls are serialised (the poll thread and an MQTT command never interleave), and so are
+    activation, switching and rollback; but a rollback never waits for a download: it cancels
+    the download in progress (``client.cancel``; the pull is reported failed, the partial files
+    stay for the next pull) and goes ahead. Another process is kept out by the store's locks.
     """
 
     def __init__(self, cfg: RegistryConfig, store: ModelStore, client: RegistryClient,
@@ -71,7 +73,8 @@ class ModelUpdater:
         self.client = client
         self._activate = activate
         self._on_event = on_event
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one pull at a time
+        self._switch_lock = threading.Lock()  # activation, switch, rollback
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._refused: set[tuple[str, str]] = set()  # (model, version) downgrades already reported
@@ -88,6 +91,7 @@ class ModelUpdater:
         not report an up-to-date model. An explicit pull (CLI, ``cmd/update``) retries them.
         """
         with self._lock:
+            self.client.cancel.clear()
             wanted = list(models) if models else list(self.cfg.models)
             try:
                 index = self.client.fetch_index()
@@ -166,6 +170,16 @@ class ModelUpdater:
             self._failed_event(model, target, stage, str(exc), cid, current)
             return UpdateOutcome(model, False, "failed", current, target, stage=stage, error=str(exc))
 
+        with self._switch_lock:
+            return self._switch(model, target, cid, current, pulled)
+
+    def _switch(self, model: str, target: str, cid: str | None, current: str | None, pulled: PullResult) -> UpdateOutcome:
+        """Self-test the committed ``target`` and make it current (under the switch lock)."""
+        if self.store.current_version(model) != current:
+            err = "a rollback ran during the download; not switching (pull again to install it)"
+            self._failed_event(model, target, "switch", err, cid, current)
+            return UpdateOutcome(model, False, "failed", self._current(model), target, stage="switch", error=err,
+                                 downloaded_bytes=pulled.downloaded_bytes)
         try:
             activation = self._activate(model, target, correlation_id=cid)
         except EdgeAgentError as exc:
@@ -229,9 +243,10 @@ class ModelUpdater:
 
         ``model`` may be None when exactly one model is installed. Raises RegistryError (and
         reports an event) when there is no previous version or it fails its self-test; the
-        current version then stays.
+        current version then stays. A download in progress is cancelled, not waited for.
         """
-        with self._lock:
+        self.client.cancel.set()
+        with self._switch_lock:
             try:
                 model = model or self._only_model()
                 current = self.store.current_version(model)
@@ -311,5 +326,6 @@ def updater_from_config(cfg: Config, activate: Callable[..., Any], on_event: Cal
         raise RegistryError("pulling needs registry.url and registry.public_key in the configuration "
                             "(see docs/configuration.md, [registry])")
     client = RegistryClient(reg.url, reg.public_key, cfg.storage.dir, probe, timeout_s=reg.timeout_s,
-                            retries=reg.retries, min_free_mb=reg.min_free_mb, cafile=reg.cafile)
+                            retries=reg.retries, min_free_mb=reg.min_free_mb, cafile=reg.cafile,
+                            deadline_s=reg.download_deadline_s)
     return ModelUpdater(reg, client.store, client, activate, on_event)

@@ -79,8 +79,10 @@ class CommandAccepted(TypedEvent):
 
 @dataclass(frozen=True, kw_only=True)
 class CommandRejected(TypedEvent):
-    """A command that is not run: unknown, malformed, a duplicate id, queue full. ``correlation_id``
-    is null when the payload had no usable one."""
+    """A command that is not run. ``code`` says why (agent/control/message.py: unsigned,
+    bad_signature, unknown_key, stale, replay, not_for_device, model_not_followed, duplicate, busy,
+    malformed, unknown_command, not_configured); ``correlation_id`` is null when the payload had no
+    usable one; ``suppressed``: rejections not published since the last one (rate limit)."""
 
     KIND = "command.rejected"
     SEVERITY = "warning"
@@ -88,7 +90,9 @@ class CommandRejected(TypedEvent):
     command: str
     topic: str
     correlation_id: str | None
+    code: str
     reason: str
+    suppressed: int = 0
 
     def message(self) -> str:
         return f"command rejected: {self.reason}"

@@ -103,7 +103,7 @@ def makedirs_durable(d: Path, *, stop_at: Path) -> None:
         p = p.parent
     for p in reversed(missing):
         try:
-            p.mkdir()
+            p.mkdir(mode=util.PRIVATE_DIR)
         except FileExistsError:
             continue
         # looked up at call time (util.fsync_dir), so a test can watch which directories are synced

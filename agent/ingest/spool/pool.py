@@ -167,7 +167,7 @@ class Pool:
         try:
             for _ in range(n):
                 p = self.dir / f"{uuid4().hex}{_POOL_SUFFIX}"
-                os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, util.PRIVATE_FILE))
                 made.append(p)
             util.fsync_dir(self.dir)
         except BaseException:
