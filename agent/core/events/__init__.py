@@ -64,7 +64,9 @@ from agent.core.events.engine import (
 )
 from agent.core.events.reception import (
     AssociationRejected,
+    ConnectionRefused,
     DicomRejected,
+    EventsSuppressed,
     InstanceQuarantined,
     JobFailed,
     SeriesUnrouted,
@@ -80,10 +82,18 @@ from agent.core.events.updates import (
 # --------------------------------------------------------------------------------------------
 # the catalog
 
+#: refusals of peers' traffic: rate-limited and coalesced (events.suppressed) by the event sink,
+#: and a bounded share of the outbox (agent/mqtt/outbox.py kind "refusal")
+REFUSAL_KINDS: frozenset[str] = frozenset({
+    DicomRejected.KIND, InstanceQuarantined.KIND, AssociationRejected.KIND, ConnectionRefused.KIND,
+})
+
 _KINDS: tuple[type[TypedEvent], ...] = (
     DicomRejected,
     InstanceQuarantined,
     AssociationRejected,
+    ConnectionRefused,
+    EventsSuppressed,
     SeriesUnrouted,
     JobFailed,
     ModelUpdated,
@@ -118,6 +128,7 @@ if len(CATALOG) != len(_KINDS):  # pragma: no cover - a copy-pasted KIND
 
 __all__ = [
     "CATALOG",
+    "REFUSAL_KINDS",
     "DETAIL",
     "OMIT_NONE",
     "AssociationRejected",
@@ -126,6 +137,7 @@ __all__ = [
     "CommandFailed",
     "CommandRejected",
     "CommandResult",
+    "ConnectionRefused",
     "DataclassInstance",
     "DicomRejected",
     "DriftStateChanged",
@@ -142,6 +154,7 @@ __all__ = [
     "EngineSelftestFailed",
     "EngineServingModelsDir",
     "EngineShadowDisagreement",
+    "EventsSuppressed",
     "InstanceQuarantined",
     "JobFailed",
     "ModelDowngradeRefused",
