@@ -8,8 +8,10 @@ buffer whatever follows. ``GuardedServer`` (pynetdicom's threaded server with on
 such connections away from pynetdicom:
 
 * at accept, a connection is admitted only while fewer than ``max_pending_per_peer`` connections
-  from its IP address and ``max_pending_total`` in all are *pending* (accepted, request not yet
-  whole); otherwise it is closed at once;
+  from its IP address are *pending* (accepted, request not yet whole); otherwise it is closed at
+  once. When ``max_pending_total`` connections are pending, the oldest pending connection of the
+  address holding most is closed to make room, so attackers on many addresses cannot keep the
+  PACS out either (a real request is whole within milliseconds, so it is hardly ever the one);
 * a gate thread then waits, without reading (``MSG_PEEK``), until the socket's receive buffer holds
   the complete first PDU: it must be an A-ASSOCIATE-RQ (type 0x01) no longer than
   ``max_request_kb``, complete within ``association_request_timeout_s`` of the accept. Anything
@@ -85,20 +87,37 @@ class ConnectionGuard:
     # ---- admission
     def admit(self, sock: socket.socket, peer: str) -> bool:
         """Count ``sock`` as pending, or refuse it (False) when a limit is reached."""
+        victim: _Pending | None = None
         with self._lock:
             if self._per_peer[peer] >= self.limits.max_pending_per_peer:
-                why = (f"{self._per_peer[peer]} connections from this address without a complete association "
-                       "request (dicom.limits.max_pending_per_peer)", "pending_peer")
-            elif len(self._pending) >= self.limits.max_pending_total:
-                why = (f"{len(self._pending)} connections without a complete association request "
-                       "(dicom.limits.max_pending_total)", "pending_total")
+                refused = True
             else:
+                refused = False
+                if len(self._pending) >= self.limits.max_pending_total:
+                    victim = self._evict_locked()
                 deadline = self._clock() + self.limits.association_request_timeout_s
                 self._pending[id(sock)] = _Pending(peer, sock, deadline)
                 self._per_peer[peer] += 1
-                return True
-        self.refuse(peer, *why)
-        return False
+        if victim is not None:
+            _shutdown(victim.sock)  # its gate thread sees the connection closed and ends
+            self.refuse(victim.peer, f"{self.limits.max_pending_total} connections without a complete association "
+                        "request: the oldest of the address holding most was closed (dicom.limits.max_pending_total)",
+                        "pending_total")
+        if refused:
+            self.refuse(peer, f"{self.limits.max_pending_per_peer} connections from this address without a complete "
+                        "association request (dicom.limits.max_pending_per_peer)", "pending_peer")
+        return not refused
+
+    def _evict_locked(self) -> _Pending:
+        """The total is reached: make room for a newcomer by dropping the oldest pending connection
+        of the address that holds most, so no set of addresses can keep another peer out."""
+        top = max(self._per_peer.values())
+        victim = min((e for e in self._pending.values() if self._per_peer[e.peer] == top), key=lambda e: e.deadline)
+        self._pending.pop(id(victim.sock))
+        self._per_peer[victim.peer] -= 1
+        if self._per_peer[victim.peer] <= 0:
+            del self._per_peer[victim.peer]
+        return victim
 
     def deadline(self, sock: socket.socket) -> float:
         with self._lock:

@@ -6,8 +6,9 @@
   then one PDU (``dicom.max_pdu``, offered to the peer) whatever the data set's size.
 * ``ReceiveLimiter`` (bound to ``EVT_DATA_RECV``) counts the P-DATA bytes of the message being
   received on each association. Past ``dicom.limits.max_instance_mb``, or when the spool's free
-  space would fall below ``storage.min_free_mb`` (checked at the message's first PDU and every
-  ``_SPACE_EVERY`` bytes after, so before most of the bytes arrive), the connection is shut down:
+  space would fall below ``storage.min_free_mb`` (checked every ``_SPACE_EVERY`` bytes while a
+  large data set arrives, so it cannot fill the disk; a smaller one is answered 0xA700 by the
+  spool, which checks before it writes), the connection is shut down:
   DICOM has no way to refuse a data set half way, so the peer sees the association aborted, and
   a ``dicom.rejected`` event (0xC213 too large, 0xA700 out of space) says why.
 """
@@ -67,7 +68,7 @@ class ReceiveLimiter:
         if now > self.max_instance_bytes:
             self._abort(assoc, 0xC213, f"data set larger than {self.max_instance_bytes // _MB} MiB "
                                        "(dicom.limits.max_instance_mb): transfer aborted")
-        elif before == 0 or before // _SPACE_EVERY != now // _SPACE_EVERY:
+        elif before // _SPACE_EVERY != now // _SPACE_EVERY:  # smaller ones: the spool answers 0xA700
             free = self._free_mb()
             if free - now / _MB < self._min_free_mb:
                 self._abort(assoc, 0xA700, f"free space {free:.0f} MB is below the {self._min_free_mb} MB floor "

@@ -88,7 +88,8 @@ class Quarantine:
             if self._entries is None:
                 self._load()
             assert self._entries is not None
-            lim, now, doomed = self.limits, self._clock(), []
+            lim, doomed = self.limits, []
+            now = self._clock() if self._entries else 0.0  # (an injected test clock is not consumed)
             while self._entries and (len(self._entries) > lim.max_files or self._bytes > lim.max_bytes
                                      or now - self._entries[0][1] > lim.max_age_s):
                 qid, _, size = self._entries.popleft()
