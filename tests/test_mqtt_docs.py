@@ -117,8 +117,16 @@ def test_documented_fields_and_severities_match_the_model(kind: str, documented:
 
 def _not_kinds() -> set[str]:
     """Dotted names in docs/mqtt.md that are not event kinds: configuration keys, result fields."""
-    keys = {f"{section}.{key}" for section, info in Config.model_fields.items()
-            if isinstance(info.annotation, type) for key in getattr(info.annotation, "model_fields", {})}
+    keys: set[str] = set()
+
+    def walk(model: type, prefix: str) -> None:  # nested sections too: dicom.limits.max_pdu
+        for key, info in getattr(model, "model_fields", {}).items():
+            name = f"{prefix}.{key}" if prefix else key
+            keys.add(name)
+            if isinstance(info.annotation, type):
+                walk(info.annotation, name)
+
+    walk(Config, "")
     return keys | {f"model.{name}" for name in ModelInfo.model_fields}
 
 

@@ -142,7 +142,7 @@ def test_bounded_share_drops_only_the_oldest_telemetry(outbox: Outbox) -> None:
     assert by_kind["result"] == results and by_kind["event"] == events  # never dropped
     assert by_kind["telemetry"] == telemetry[-120:]  # the newest 120, in order
     assert outbox.count("telemetry") == 120 and outbox.count() == 120 + 50 + 50
-    assert outbox.dropped() == {"telemetry": 380, "drift": 0}
+    assert outbox.dropped() == {"telemetry": 380, "drift": 0, "refusal": 0}
     assert [r.seq for r in rows] == sorted(r.seq for r in rows)
 
 
@@ -157,7 +157,7 @@ def test_caps_configured_on_the_outbox_and_per_put(db_path: Path) -> None:
         for _ in range(300):  # drift's default cap (DEFAULT_CAPS) applies without max_queued
             box.put("d", b"y", kind="drift")
         assert box.count("drift") == 200
-        assert box.dropped() == {"telemetry": 2, "drift": 3 + 102}
+        assert box.dropped() == {"telemetry": 2, "drift": 3 + 102, "refusal": 0}
         with pytest.raises(ValueError):
             Outbox(conn, caps={"result": 10})  # results and events are never dropped
         with pytest.raises(ValueError):

@@ -44,6 +44,29 @@ class TlsConfig(_Section):
     )
 
 
+class DicomLimitsConfig(_Section):
+    """What a DICOM peer can make the listener spend before and after it is let in (docs/security.md)."""
+
+    association_request_timeout_s: float = Field(
+        10, gt=0, description="A connection must deliver its complete A-ASSOCIATE-RQ within this time, or it is closed.")
+    max_pending_per_peer: int = Field(
+        4, ge=1, description="Connections from one IP address that have not yet delivered their association request.")
+    max_pending_total: int = Field(
+        16, ge=1, description="Connections from all peers that have not yet delivered their association request.")
+    max_request_kb: int = Field(
+        64, ge=1, le=1024, description="Largest A-ASSOCIATE-RQ PDU accepted (KiB); larger is closed before it is read.")
+    max_instance_mb: int = Field(
+        2048, ge=1, description="Largest data set received (MiB); beyond it the transfer is aborted (0xC213).")
+    max_decompressed_mb: int = Field(
+        2048, ge=1,
+        description="Largest inflated size of a Deflated data set and largest declared decoded pixel data "
+        "(rows x columns x frames x bits x samples) of an instance (MiB); beyond: refused with 0xC212.")
+    max_decompression_ratio: float = Field(
+        100, gt=1,
+        description="Largest decoded/encoded size ratio of a Deflated data set or of compressed pixel data, "
+        "applied above 64 MiB decoded; beyond: refused with 0xC212.")
+
+
 class DicomConfig(_Section):
     ae_title: str = Field("EDGE_AGENT", description="Our AE title; the called AE must match it.")
     port: int = Field(11112, ge=0, le=65535, description="TCP port of the DICOM listener (0: any free).")
@@ -53,11 +76,13 @@ class DicomConfig(_Section):
         description='Accepted calling AE titles, "AET" or "AET@10.1.2.3"; empty: any (warned).',
     )
     max_associations: int = Field(10, ge=1, description="Concurrent associations accepted.")
-    max_pdu: int = Field(0, ge=0, description="Maximum PDU size we receive (0: unlimited).")
+    max_pdu: int = Field(
+        1048576, ge=0, description="Maximum PDU size we receive, offered to peers (0: unlimited; memory per PDU).")
     acse_timeout_s: float = Field(30, gt=0, description="ACSE timeout (association negotiation).")
     dimse_timeout_s: float = Field(60, gt=0, description="DIMSE timeout (waiting for a message).")
     network_timeout_s: float = Field(60, gt=0, description="Idle network timeout.")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="Optional DICOM TLS.")
+    limits: DicomLimitsConfig = Field(default_factory=DicomLimitsConfig, description="Bounds on hostile peers.")
 
     @field_validator("ae_title")
     @classmethod
@@ -352,6 +377,25 @@ class ControlConfig(_Section):
         return [v] if isinstance(v, (str, Path)) else v
 
 
+class EventsConfig(_Section):
+    """Refusal events (association.rejected, connection.refused, dicom.rejected, instance.quarantined)."""
+
+    refusals_per_minute: int = Field(
+        20, ge=1, description="Refusal events of one kind published per minute; the rest are counted into one "
+        "events.suppressed event per minute (counts per kind and reason).")
+    max_queued_refusals: int = Field(
+        500, ge=1, description="Refusal events kept in the outbox while the broker is away (oldest dropped first; "
+        "results and other events are never dropped).")
+
+
+class QuarantineConfig(_Section):
+    """Bounds of the quarantine folder (malformed instances kept for inspection)."""
+
+    max_files: int = Field(1000, ge=1, description="Quarantined instances kept; the oldest are deleted beyond this.")
+    max_mb: int = Field(1024, ge=1, description="Total size of quarantined instances kept (MiB), oldest deleted first.")
+    max_age_days: float = Field(30, gt=0, description="Quarantined instances older than this are deleted.")
+
+
 class Config(_Section):
     device_id: str = Field("edge-dev", description="Names this device in topics and results.")
     dicom: DicomConfig = Field(default_factory=DicomConfig)
@@ -370,6 +414,8 @@ class Config(_Section):
     series_limits: SeriesLimitsConfig = Field(default_factory=SeriesLimitsConfig)
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
+    quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
 
     @field_validator("device_id")
     @classmethod

@@ -9,7 +9,9 @@ status codes, MQTT ``events``) can map them without knowing which library raised
     ├── ModelSpecError         a model.toml that does not validate
     ├── DicomError             a DICOM object we cannot accept
     │   ├── MalformedDicomError    unreadable / missing required attributes  -> 0xC210
-    │   └── UnsupportedDicomError  SOP class or transfer syntax we cannot decode -> 0xC211
+    │   ├── UnsupportedDicomError  SOP class or transfer syntax we cannot decode -> 0xC211
+    │   └── LimitExceededError     decodes beyond dicom.limits (size, ratio)   -> 0xC212
+    │       └── InstanceTooLargeError  data set beyond dicom.limits.max_instance_mb -> 0xC213
     ├── StorageError           spool / database problems
     │   └── OutOfSpaceError        free space below the floor               -> 0xA700
     ├── VolumeError            instances of a series that do not form one volume
@@ -50,6 +52,17 @@ class MalformedDicomError(DicomError):
 
 class UnsupportedDicomError(DicomError):
     status = 0xC211
+
+
+class LimitExceededError(DicomError):
+    """Refused before decoding: a Deflated data set or compressed pixel data that would decode
+    beyond ``dicom.limits`` (size or ratio): a decompression bomb, or more than this device takes."""
+
+    status = 0xC212
+
+
+class InstanceTooLargeError(LimitExceededError):
+    status = 0xC213
 
 
 class StorageError(EdgeAgentError):

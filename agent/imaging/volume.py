@@ -43,7 +43,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder  # type: ignore[attr-defined]  # public API, not re-exported as such
 
-from agent.core.errors import MalformedDicomError, UnsupportedDicomError, VolumeError
+from agent.core.errors import LimitExceededError, MalformedDicomError, UnsupportedDicomError, VolumeError
+from agent.core.limits import DEFAULT_LIMITS, declared_pixel_bytes
 from agent.core.types import Volume
 
 #: largest absolute difference between direction cosines of frames of one series
@@ -350,6 +351,8 @@ def _decode(series_uid: str, ds: pydicom.Dataset) -> npt.NDArray[Any]:
                 f"series {series_uid}: instance {sop_uid}: transfer syntax {ts} ({ts.name}) needs a "
                 "decoder plugin that is not installed (pylibjpeg-openjpeg, pylibjpeg-rle, python-gdcm)"
             )
+    if native is None:
+        _check_declared_size(series_uid, sop_uid, ds)
     try:
         # The decoder directly rather than ``ds.pixel_array``, which would keep a cached copy
         # of every slice alive on the datasets for as long as the caller holds them.
@@ -373,6 +376,24 @@ def _decode(series_uid: str, ds: pydicom.Dataset) -> npt.NDArray[Any]:
             f"{n_frames} x {rows} x {columns}"
         )
     return pixels.reshape(n_frames, rows, columns)
+
+
+def _check_declared_size(series_uid: str, sop_uid: str, ds: pydicom.Dataset) -> None:
+    """Refuse, before decoding, pixel data that declares more than ``DEFAULT_LIMITS`` allow (a
+    codec bomb: a small RLE or JPEG stream declaring huge Rows x Columns x Frames); the listener
+    refused such instances on arrival with the configured limits (0xC212), this is the worker's own
+    bound for anything already in the spool."""
+    try:
+        declared = declared_pixel_bytes(int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames", 1) or 1),
+                                        int(ds.BitsAllocated), int(ds.get("SamplesPerPixel", 1) or 1))
+    except (AttributeError, TypeError, ValueError):
+        return  # the decoder names what is missing
+    raw = ds.get("PixelData")
+    encoded = len(raw) if isinstance(raw, bytes | bytearray) else 0
+    try:
+        DEFAULT_LIMITS.check(declared, encoded, "the compressed pixel data")
+    except LimitExceededError as exc:
+        raise MalformedDicomError(f"series {series_uid}: instance {sop_uid}: {exc}") from exc
 
 
 # --- checks and sorting -----------------------------------------------------------------------

@@ -18,6 +18,10 @@ status meaning                                                          event (`
 0xA701 other spool / journal failure (nothing acknowledged)              ``dicom.rejected`` error
 0xC210 malformed: unparseable, required UID missing, image w/o pixels    ``instance.quarantined``
 0xC211 SOP class not accepted by this listener                            ``dicom.rejected``
+0xC212 would decode beyond ``dicom.limits`` (Deflated data set inflating ``dicom.rejected``
+       or declared pixel data over max_decompressed_mb / over the ratio)
+0xC213 data set over ``dicom.limits.max_instance_mb`` (the transfer is    ``dicom.rejected``
+       aborted when the limit is passed, see ``agent.ingest.receive``)
 0xC001 unexpected exception in the handler (logged with traceback)      ``dicom.rejected`` error
 ====== ================================================================ =========================
 
@@ -25,6 +29,11 @@ Associations are refused with A-ASSOCIATE-RJ (rejected-permanent, service-user) 
 AE title is not ours (reason 7) or the calling AE title / address is not in ``allowed_callers``
 (reason 3); an ``association.rejected`` event says which. ``on_instance`` is called once per newly
 stored instance, never for duplicates, in the association's thread: keep it quick (queue work).
+
+Before any of that, ``agent.ingest.guard`` admits a connection to pynetdicom only once its whole
+A-ASSOCIATE-RQ has arrived (bounded in time, size and number of such connections per peer and in
+total; ``connection.refused`` otherwise), and ``agent.ingest.receive`` bounds what an admitted
+peer can make us hold (data sets received to disk, instance size, free space).
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from socket import socket as Socket
 
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event as PynetdicomEvent
 from pynetdicom.events import EventHandlerType
@@ -47,16 +56,20 @@ from pynetdicom.transport import ThreadedAssociationServer
 from agent.core.config import DicomConfig
 from agent.core.errors import (
     ConfigError,
+    InstanceTooLargeError,
+    LimitExceededError,
     MalformedDicomError,
     OutOfSpaceError,
     StorageError,
     UnsupportedDicomError,
 )
-from agent.core.events import AssociationRejected, DicomRejected, InstanceQuarantined
+from agent.core.events import AssociationRejected, ConnectionRefused, DicomRejected, InstanceQuarantined
 from agent.core.log import log_event
 from agent.core.metrics import NO_METRICS, Metrics
 from agent.core.types import Event, Instance
+from agent.ingest.guard import ConnectionGuard, GuardedServer
 from agent.ingest.part10 import part10_bytes, store_request
+from agent.ingest.receive import ChunkedReceive, ReceiveLimiter
 from agent.ingest.sopclasses import TRANSFER_SYNTAXES, VERIFICATION, unique
 from agent.ingest.spool import QuarantinedError, Spool
 from agent.ingest.tls import server_ssl_context
@@ -83,6 +96,9 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_UNSUPPORTED = 0xC211
 STATUS_PROCESSING_FAILURE = 0xC001
 
+# a data set received to disk up to this size is stored through the in-memory fast path
+_IN_MEMORY_MAX = 16 * 1024 * 1024
+
 # A-ASSOCIATE-RJ parameters (PS3.8 9.3.4): rejected-permanent, DUL service-user
 _RJ_PERMANENT = 0x01
 _RJ_SERVICE_USER = 0x01
@@ -106,6 +122,9 @@ class ListenerState:
     on_event: Callable[[Event], None]
     socket_timeout: float | None
     metrics: Metrics = NO_METRICS
+    max_instance_bytes: int = 2048 * 1024 * 1024
+    guard: ConnectionGuard | None = None
+    receiving: ReceiveLimiter | None = None
     counts: dict[int, _Counts] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -159,9 +178,11 @@ def handle_requested(event: PynetdicomEvent, state: ListenerState) -> None:
     pynetdicom's ``require_calling_aet`` checks the AE title alone; ``AET@IP`` entries need the
     peer address, which only this event offers before negotiation.
     """
+    assoc = event.assoc
+    if state.guard is not None:  # the request is whole (TLS connections are counted until now)
+        state.guard.release(_raw_socket(assoc))
     if not state.allowed:
         return
-    assoc = event.assoc
     request = assoc.requestor.primitive  # the peer's A-ASSOCIATE-RQ, received before this event
     calling = str(request.calling_ae_title or "").strip() if request is not None else ""
     peer = _peer_address(assoc)
@@ -219,8 +240,18 @@ def handle_store(event: PynetdicomEvent, spool: Spool, state: ListenerState) -> 
     try:
         # set only when pynetdicom streamed the data set to a file (annotated Path, None otherwise)
         chunked_path: Path | None = event.dataset_path
+        if state.receiving is not None:
+            state.receiving.message_done(event.assoc)
         if chunked_path is not None:
-            instance, created = spool.store_file(chunked_path, calling_ae=calling_ae, sop_classes=state.sop_classes)
+            size = chunked_path.stat().st_size
+            if size > state.max_instance_bytes:
+                raise InstanceTooLargeError(f"data set of {size} bytes over dicom.limits.max_instance_mb")
+            if size <= _IN_MEMORY_MAX:  # the fast path (pool file, one flush); pynetdicom removes the temp
+                instance, created = spool.store_bytes(chunked_path.read_bytes(), calling_ae=calling_ae,
+                                                      sop_classes=state.sop_classes)
+            else:
+                instance, created = spool.store_file(chunked_path, calling_ae=calling_ae,
+                                                     sop_classes=state.sop_classes)
         else:
             # the data set bytes exactly as the peer encoded them, behind a file meta header
             instance, created = spool.store_bytes(
@@ -233,7 +264,7 @@ def handle_store(event: PynetdicomEvent, spool: Spool, state: ListenerState) -> 
         return _refuse(state, counts, InstanceQuarantined(
             sop_instance_uid=exc.sop_instance_uid or command_uid, calling_ae=calling_ae, reason=exc.reason,
             status=exc.status, quarantine_id=exc.quarantine_id))
-    except (MalformedDicomError, UnsupportedDicomError) as exc:
+    except (MalformedDicomError, UnsupportedDicomError, LimitExceededError) as exc:
         return _refuse(state, counts, DicomRejected(sop_instance_uid=command_uid, calling_ae=calling_ae,
                                                     reason=str(exc), status=exc.status, level="warning"))
     except StorageError as exc:
@@ -268,6 +299,12 @@ def handle_store(event: PynetdicomEvent, spool: Spool, state: ListenerState) -> 
     return STATUS_SUCCESS
 
 
+def handle_data_recv(event: PynetdicomEvent, state: ListenerState) -> None:
+    """EVT_DATA_RECV: count the data set in flight; abort past the size or free-space limits."""
+    if state.receiving is not None:
+        state.receiving.data(event.assoc, event.data)
+
+
 def handle_accepted(event: PynetdicomEvent, state: ListenerState) -> None:
     """EVT_ACCEPTED: counted for telemetry (rejections are counted where they are reported)."""
     state.metrics.count("associations_accepted")
@@ -275,6 +312,10 @@ def handle_accepted(event: PynetdicomEvent, state: ListenerState) -> None:
 
 def handle_close(event: PynetdicomEvent, state: ListenerState) -> None:
     """EVT_CONN_CLOSE: one summary line per association (counts, not one line per instance)."""
+    if state.guard is not None:
+        state.guard.release(_raw_socket(event.assoc))
+    if state.receiving is not None:
+        state.receiving.closed(event.assoc)
     counts = state.pop_counts(event.assoc)
     if counts is None:
         return  # no C-STORE on this connection (echo, rejected association)
@@ -289,10 +330,9 @@ class DicomListener:
     """Storage SCP for ``sop_classes`` (plus Verification) on ``cfg.bind:cfg.port``.
 
     ``start()`` returns the bound port (``cfg.port == 0`` picks a free one); ``stop()`` aborts
-    open associations and closes the socket. With ``chunked_receive=True`` pynetdicom streams
-    each data set to a temp file instead of memory (``_config.STORE_RECV_CHUNKED_DATASET``,
-    process-wide while the listener runs; the file lands in ``$TMPDIR``: point that at the
-    spool's filesystem so it is hard-linked, not copied).
+    open associations and closes the socket. With ``chunked_receive=True`` (the default)
+    pynetdicom streams each data set to a temp file in ``<spool>/.tmp/recv`` instead of memory
+    (``agent.ingest.receive.ChunkedReceive``: process-wide while the listener runs).
     """
 
     def __init__(
@@ -303,7 +343,7 @@ class DicomListener:
         on_instance: Callable[[Instance], None],
         on_event: Callable[[Event], None],
         *,
-        chunked_receive: bool = False,
+        chunked_receive: bool = True,
         metrics: Metrics = NO_METRICS,
     ) -> None:
         self.cfg = cfg
@@ -319,12 +359,16 @@ class DicomListener:
             on_event=on_event,
             socket_timeout=cfg.network_timeout_s,
             metrics=metrics,
+            max_instance_bytes=cfg.limits.max_instance_mb * 1024 * 1024,
         )
+        self.state.guard = ConnectionGuard(cfg.limits, self._connection_refused)
+        self.state.receiving = ReceiveLimiter(self.state.max_instance_bytes, spool.free_mb, spool.min_free_mb,
+                                              self._transfer_aborted)
         # built now so a bad certificate path fails at construction, not at the first peer
         self._ssl_context = server_ssl_context(cfg.tls, handshake_timeout=cfg.acse_timeout_s) if cfg.tls.enabled else None
         self._ae: AE | None = None
         self._server: ThreadedAssociationServer | None = None
-        self._saved_chunked: bool | None = None
+        self._chunked = ChunkedReceive(spool.tmp_dir / "recv") if chunked_receive else None
 
     @property
     def port(self) -> int:
@@ -363,18 +407,22 @@ class DicomListener:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.spool, self.state]),
             (evt.EVT_CONN_CLOSE, handle_close, [self.state]),
+            (evt.EVT_DATA_RECV, handle_data_recv, [self.state]),
         ]
-        if self.chunked_receive:
-            self._saved_chunked = _config.STORE_RECV_CHUNKED_DATASET
-            _config.STORE_RECV_CHUNKED_DATASET = True
+        if self._chunked is not None:
+            self._chunked.start()
+        guard = self.state.guard
+        assert guard is not None
         try:
-            server = ae.start_server(
-                (cfg.bind, cfg.port), block=False, evt_handlers=handlers, ssl_context=self._ssl_context
-            )
+            # ae.start_server(block=False) with the guarded server class (agent.ingest.guard)
+            server = ae.make_server((cfg.bind, cfg.port), evt_handlers=handlers, ssl_context=self._ssl_context,
+                                    server_class=GuardedServer, guard=guard)
         except OSError as exc:
             self._restore_chunked()
             raise ConfigError(f"dicom.port: cannot listen on {cfg.bind}:{cfg.port}: {exc.strerror}") from exc
-        assert server is not None  # block=False always returns the server
+        guard.start()
+        threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
+        ae._servers.append(server)  # what ae.start_server does, so ae.shutdown() stops it
         self._ae, self._server = ae, server
         if not self.state.allowed:
             log_event(logger, "listener.open_to_any_caller", logging.WARNING,
@@ -397,9 +445,18 @@ class DicomListener:
             log_event(logger, "listener.stopped", ae_title=self.cfg.ae_title)
 
     def _restore_chunked(self) -> None:
-        if self._saved_chunked is not None:
-            _config.STORE_RECV_CHUNKED_DATASET = self._saved_chunked
-            self._saved_chunked = None
+        if self._chunked is not None:
+            self._chunked.stop()
+
+    def _connection_refused(self, peer: str, reason: str, limit: str) -> None:
+        self.state.metrics.count("associations_rejected")
+        self.state.emit(ConnectionRefused(peer=peer, reason=reason, limit=limit).to_event(created_at=time.time()))
+
+    def _transfer_aborted(self, assoc: Association, status: int, reason: str) -> None:
+        self.state.metrics.count("instances_refused")
+        self.state.emit(DicomRejected(sop_instance_uid="", calling_ae=_calling_ae_of(assoc), reason=reason,
+                                      status=status, level="error" if status == 0xA700 else "warning"
+                                      ).to_event(created_at=time.time()))
 
     def __enter__(self) -> DicomListener:
         self.start()
@@ -479,8 +536,18 @@ def _peer_address(assoc: Association) -> str:
 
 
 def _calling_ae(event: PynetdicomEvent) -> str:
+    return _calling_ae_of(event.assoc)
+
+
+def _calling_ae_of(assoc: Association) -> str:
     try:
-        return str(event.assoc.requestor.ae_title or "").strip()
+        return str(assoc.requestor.ae_title or "").strip()
     except AttributeError:
         return ""
+
+
+def _raw_socket(assoc: Association) -> object:
+    """The accepted socket under an association (the guard's key), or None once it is gone."""
+    transport = getattr(assoc.dul, "socket", None)
+    return getattr(transport, "socket", None)
 

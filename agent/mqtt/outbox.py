@@ -6,8 +6,9 @@ from the PUBACK callback, which deletes the row. A crash at any point leaves the
 it is published again after restart: delivery is at least once, in ``seq`` order of first
 arrival, and consumers de-duplicate on ``(result_id, revision)``.
 
-Kinds: ``result`` and ``event`` rows are never dropped. ``telemetry`` and ``drift`` rows get a
-bounded share (``BOUNDED_KINDS``): the put that takes a kind over its cap deletes that kind's
+Kinds: ``result`` and ``event`` rows are never dropped. ``telemetry``, ``drift`` and ``refusal``
+rows (events about refused peer traffic, on the events topic: ``agent.core.events.REFUSAL_KINDS``
+and their ``events.suppressed`` summaries) get a bounded share (``BOUNDED_KINDS``): the put that takes a kind over its cap deletes that kind's
 oldest rows in the same transaction, so a long broker outage costs at most ``max_queued`` rows of
 each and the newest figures survive. What was dropped is counted in ``outbox_meta``
 (``dropped()``), and the messages' own ``seq`` (``next_seq``) shows the gap to consumers.
@@ -15,7 +16,7 @@ each and the newest figures survive. What was dropped is counted in ``outbox_met
 Tables owned here: ``outbox`` (the messages) and ``outbox_meta`` (the persistent ``seq`` counters
 of status, telemetry and drift messages, kept across restarts so fleet monitoring sees them only
 ever increase, and the dropped-row counters). A database written by an older agent (whose
-``outbox.kind`` allowed only result and event) is migrated on open, rows and ``seq`` kept.
+``outbox.kind`` CHECK lacks a kind of today's) is migrated on open, rows and ``seq`` kept.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ from agent.core.log import log_event
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["result", "event", "telemetry", "drift"]
-KINDS: tuple[Kind, ...] = ("result", "event", "telemetry", "drift")
+Kind = Literal["result", "event", "telemetry", "drift", "refusal"]
+KINDS: tuple[Kind, ...] = ("result", "event", "telemetry", "drift", "refusal")
 #: kinds whose oldest rows are dropped beyond a cap; results and events never are
-BOUNDED_KINDS: tuple[Kind, ...] = ("telemetry", "drift")
-#: caps when the caller configures none (the defaults of [telemetry] and [drift] max_queued)
-DEFAULT_CAPS: Mapping[str, int] = {"telemetry": 120, "drift": 200}
+BOUNDED_KINDS: tuple[Kind, ...] = ("telemetry", "drift", "refusal")
+#: caps when the caller configures none (the defaults of [telemetry], [drift] max_queued and
+#: [events] max_queued_refusals)
+DEFAULT_CAPS: Mapping[str, int] = {"telemetry": 120, "drift": 200, "refusal": 500}
 #: persistent message counters (``next_seq``); "status" is the status messages' (birth, Will)
 SeqName = Literal["status", "telemetry", "drift"]
 
@@ -48,7 +50,7 @@ _TABLE = """CREATE TABLE IF NOT EXISTS {name} (
     payload    BLOB    NOT NULL,
     qos        INTEGER NOT NULL DEFAULT 1,
     retain     INTEGER NOT NULL DEFAULT 0,
-    kind       TEXT    NOT NULL CHECK (kind IN ('result', 'event', 'telemetry', 'drift')),
+    kind       TEXT    NOT NULL CHECK (kind IN ('result', 'event', 'telemetry', 'drift', 'refusal')),
     dedup_key  TEXT    UNIQUE,
     created_at REAL    NOT NULL,
     attempts   INTEGER NOT NULL DEFAULT 0
@@ -113,13 +115,13 @@ class Outbox:
         self.conn.execute(_TABLE.format(name="outbox"))
         self.conn.execute(_META)
         row = self.conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'outbox'").fetchone()
-        if row is not None and "'telemetry'" not in str(row[0]):
+        if row is not None and "'refusal'" not in str(row[0]):
             self._migrate()
         self.conn.execute(_INDEX)
 
     def _migrate(self) -> None:
-        """Rebuild an older agent's ``outbox`` (its CHECK allowed result and event only; SQLite
-        cannot alter a CHECK) with every row and the AUTOINCREMENT counter kept, so no new row ever
+        """Rebuild an older agent's ``outbox`` (its CHECK lacks a kind of today's; SQLite cannot
+        alter a CHECK) with every row and the AUTOINCREMENT counter kept, so no new row ever
         takes the ``seq`` of an acknowledged one."""
         high = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
         n = self.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
@@ -284,7 +286,7 @@ class Outbox:
         try:
             with self._lock:
                 rows = self.conn.execute(
-                    "SELECT key, value FROM outbox_meta WHERE key IN ('dropped_telemetry', 'dropped_drift')"
+                    "SELECT key, value FROM outbox_meta WHERE key LIKE 'dropped_%'"
                 ).fetchall()
         except sqlite3.Error as exc:
             raise StorageError(f"cannot read the outbox: {exc}") from exc

@@ -88,7 +88,7 @@ class Service:
         # what every stage measures, turned into telemetry (MQTT and /metrics) by its own thread
         self.metrics = TelemetryCollector()
         # before the stages, so the variant manager can report events from its first activation on
-        self.events = events or EventSink(self.topics.events, cfg.device_id, self.metrics)
+        self.events = events or EventSink(self.topics.events, cfg.device_id, self.metrics, cfg.events)
         self.stages = stages or build_stages(cfg, self.events.put, fault_injection=fault_injection)
         s = self.stages
         self.models: dict[str, ModelSpec] = s.variants.specs()

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from agent.assembly import JobStore, SeriesAssembler
 from agent.core import db, util
 from agent.core.config import Config
+from agent.core.limits import DecodeLimits
 from agent.core.log import log_event
 from agent.core.types import Event
 from agent.drift import DriftMonitor
 from agent.inference.runner import InferenceRunner
-from agent.ingest.spool import Spool
+from agent.ingest.spool import QuarantineLimits, Spool
 from agent.mqtt.outbox import Outbox
 from agent.updates.store import ModelStore
 from agent.variants import VariantManager
@@ -69,7 +70,10 @@ def build_stages(cfg: Config, on_event: Callable[[Event], None], *, fault_inject
     def connect() -> sqlite3.Connection:
         return db.connect(cfg.db_path, busy_timeout_s=busy_s)
 
-    spool = Spool(cfg.spool_dir, cfg.quarantine_dir, connect(), cfg.storage.min_free_mb)
+    q, lim = cfg.quarantine, cfg.dicom.limits
+    spool = Spool(cfg.spool_dir, cfg.quarantine_dir, connect(), cfg.storage.min_free_mb,
+                  decode_limits=DecodeLimits.from_mb(lim.max_decompressed_mb, lim.max_decompression_ratio),
+                  quarantine_limits=QuarantineLimits(q.max_files, q.max_mb * 1024 * 1024, q.max_age_days * 86400.0))
     # the current registry version of each installed model (its manifest's spec), else the FP32
     # ONNX in models.dir; agent/variants decides which variant runs (docs/engines.md)
     store = ModelStore(cfg.storage.dir)

@@ -65,7 +65,9 @@ from agent.core.events.engine import (
 )
 from agent.core.events.reception import (
     AssociationRejected,
+    ConnectionRefused,
     DicomRejected,
+    EventsSuppressed,
     InstanceQuarantined,
     JobFailed,
     SeriesRefused,
@@ -83,10 +85,18 @@ from agent.core.events.updates import (
 # --------------------------------------------------------------------------------------------
 # the catalog
 
+#: refusals of peers' traffic: rate-limited and coalesced (events.suppressed) by the event sink,
+#: and a bounded share of the outbox (agent/mqtt/outbox.py kind "refusal")
+REFUSAL_KINDS: frozenset[str] = frozenset({
+    DicomRejected.KIND, InstanceQuarantined.KIND, AssociationRejected.KIND, ConnectionRefused.KIND,
+})
+
 _KINDS: tuple[type[TypedEvent], ...] = (
     DicomRejected,
     InstanceQuarantined,
     AssociationRejected,
+    ConnectionRefused,
+    EventsSuppressed,
     SeriesUnrouted,
     SeriesRefused,
     JobFailed,
@@ -125,6 +135,7 @@ if len(CATALOG) != len(_KINDS):  # pragma: no cover - a copy-pasted KIND
 
 __all__ = [
     "CATALOG",
+    "REFUSAL_KINDS",
     "DETAIL",
     "OMIT_NONE",
     "AssociationRejected",
@@ -133,6 +144,7 @@ __all__ = [
     "CommandFailed",
     "CommandRejected",
     "CommandResult",
+    "ConnectionRefused",
     "DataclassInstance",
     "DicomRejected",
     "DriftStateChanged",
@@ -149,6 +161,7 @@ __all__ = [
     "EngineSelftestFailed",
     "EngineServingModelsDir",
     "EngineShadowDisagreement",
+    "EventsSuppressed",
     "InstanceQuarantined",
     "JobFailed",
     "LoopFailed",

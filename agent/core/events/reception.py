@@ -73,6 +73,44 @@ class AssociationRejected(TypedEvent):
         return f"association from {self.calling_ae or '?'}@{self.peer} rejected: {self.reason}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class ConnectionRefused(TypedEvent):
+    """A TCP connection closed before pynetdicom saw it (agent/ingest/guard.py): too many
+    connections not yet associated (from this peer or in total), no complete A-ASSOCIATE-RQ within
+    ``dicom.limits.association_request_timeout_s``, a request PDU over ``dicom.limits.max_request_kb``,
+    or something that is not an association request."""
+
+    KIND = "connection.refused"
+    SEVERITY = "warning"
+
+    peer: str
+    reason: str
+    #: what the limit was about: pending_peer, pending_total, timeout, pdu_size, pdu_type
+    limit: str
+
+    def message(self) -> str:
+        return f"connection from {self.peer} closed: {self.reason}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EventsSuppressed(TypedEvent):
+    """Refusal events beyond ``events.refusals_per_minute`` in one minute, counted instead of sent:
+    ``counts`` kind -> number, ``reasons`` "kind: reason" -> number (the 20 most frequent),
+    ``peers`` calling AE / address -> number (the 20 most frequent)."""
+
+    KIND = "events.suppressed"
+    SEVERITY = "warning"
+
+    window_s: float
+    total: int
+    counts: dict[str, int]
+    reasons: dict[str, int]
+    peers: dict[str, int]
+
+    def message(self) -> str:
+        return f"{self.total} refusal events suppressed in {self.window_s:.0f} s"
+
+
 # --------------------------------------------------------------------------------------------
 # pipeline (agent/service.py)
 

@@ -56,7 +56,7 @@ tables), ``quarantine``, ``header`` (reading the header fields), ``recovery`` (`
 from __future__ import annotations
 
 from agent.ingest.spool.header import dataset_offset
-from agent.ingest.spool.quarantine import QuarantinedError
+from agent.ingest.spool.quarantine import QuarantinedError, QuarantineLimits
 from agent.ingest.spool.store import Spool
 
-__all__ = ["QuarantinedError", "Spool", "dataset_offset"]
+__all__ = ["QuarantineLimits", "QuarantinedError", "Spool", "dataset_offset"]

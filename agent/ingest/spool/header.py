@@ -12,6 +12,7 @@ here reads or logs a patient field.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -21,7 +22,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
-from agent.core.errors import MalformedDicomError
+from agent.core.errors import LimitExceededError, MalformedDicomError
+from agent.core.limits import DecodeLimits, declared_pixel_bytes, inflate_bounded
 from agent.core.types import Instance
 from agent.ingest.sopclasses import is_image_storage, is_valid_uid, sop_class_name
 
@@ -80,18 +82,32 @@ class Header:
         )
 
 
-def read_header(path: Path) -> Header:
+def read_header(path: Path, limits: DecodeLimits | None = None) -> Header:
     """``parse_header`` of a file; a file that cannot be opened is MalformedDicomError too."""
     try:
         f = open(path, "rb")  # closed by the with below; an open error is reported like a parse error
     except OSError as exc:
         raise MalformedDicomError(f"unreadable file ({type(exc).__name__})") from exc
     with f:
-        return parse_header(f)
+        return parse_header(f, limits)
 
 
-def parse_header(fp: BinaryIO) -> Header:
-    """Parse the header of a Part 10 stream up to the pixel data; MalformedDicomError when unusable."""
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+#: syntaxes whose pixel data is stored as is (anything else is encapsulated: compressed)
+_NATIVE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", _DEFLATED})
+
+
+def parse_header(fp: BinaryIO, limits: DecodeLimits | None = None) -> Header:
+    """Parse the header of a Part 10 stream up to the pixel data; MalformedDicomError when unusable.
+
+    With ``limits``: a Deflated data set is first inflated as a stream (output discarded) and
+    refused with LimitExceededError beyond them, before pydicom inflates it into memory; the
+    declared decoded pixel size (rows x columns x frames x bits x samples) is checked against
+    them too (and, for compressed pixel data, its ratio to the encoded size).
+    """
+    encoded = 0
+    if limits is not None:
+        encoded = _check_deflate(fp, limits)
     seen_pixels: list[int] = []
 
     def stop_at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
@@ -116,6 +132,8 @@ def parse_header(fp: BinaryIO) -> Header:
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input
         raise MalformedDicomError(f"unparseable data set ({type(exc).__name__}: {_short(exc)})") from exc
 
+    if limits is not None and seen_pixels:
+        _check_pixels(ds, transfer_syntax, encoded, limits)
     missing = [name for name, tag in _REQUIRED if not fields[tag]]
     if missing:
         raise MalformedDicomError(f"missing {', '.join(missing)}")
@@ -139,6 +157,43 @@ def parse_header(fp: BinaryIO) -> Header:
         body_part=fields[_TAG_BODY_PART],
         instance_number=instance_number,
     )
+
+
+def _check_deflate(fp: BinaryIO, limits: DecodeLimits) -> int:
+    """The stream's size; inflates a Deflated data set bounded by ``limits`` first (then rewinds)."""
+    start = fp.tell()
+    fp.seek(0, 2)
+    size = fp.tell() - start
+    fp.seek(start)
+    try:
+        if _file_meta_summary_of(fp).get("transfer_syntax") != _DEFLATED:
+            return size
+        offset = dataset_offset(fp)
+        fp.seek(offset)
+        inflate_bounded(fp, size - offset, limits, "the Deflated data set")
+    except LimitExceededError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zlib.error, no group length: pydicom judges it below
+        if isinstance(exc, zlib.error):
+            raise MalformedDicomError(f"Deflated data set does not inflate ({type(exc).__name__})") from exc
+    finally:
+        fp.seek(start)
+    return size
+
+
+def _check_pixels(ds: Dataset, transfer_syntax: str, encoded: int, limits: DecodeLimits) -> None:
+    """LimitExceededError when the declared decoded pixel data is beyond ``limits``."""
+    try:
+        declared = declared_pixel_bytes(
+            int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0),
+            int(float(raw_str(ds, 0x00280008) or 1)), int(ds.get("BitsAllocated", 0) or 0),
+            int(ds.get("SamplesPerPixel", 1) or 1))
+    except (TypeError, ValueError):
+        return  # unreadable geometry: the worker's decoder refuses it
+    if transfer_syntax in _NATIVE:
+        limits.check(declared, declared, "the pixel data")  # size only: stored as is
+    else:
+        limits.check(declared, encoded, "the compressed pixel data")
 
 
 def raw_str(ds: Dataset, tag: int) -> str:

@@ -151,6 +151,17 @@ class Journal:
 
     # ------------------------------------------------------------------ quarantine
 
+    def quarantined(self) -> list[tuple[str, str, float]]:
+        """Every quarantine row as (id, path, received_at), oldest first."""
+        with self.lock:
+            rows = self.conn.execute("SELECT id, path, received_at FROM quarantine ORDER BY received_at").fetchall()
+        return [(str(r[0]), str(r[1]), float(r[2])) for r in rows]
+
+    def delete_quarantine(self, qids: list[str]) -> None:
+        """Forget quarantine rows (their files are being deleted: bounds and age)."""
+        with self.lock:
+            self.conn.executemany("DELETE FROM quarantine WHERE id = ?", [(q,) for q in qids])
+
     def add_quarantine(self, qid: str, path: Path, reason: str, calling_ae: str, received_at: float) -> None:
         """Record a quarantined file, committed with a device flush (no file can rebuild it)."""
         with self.lock, self._full_sync():

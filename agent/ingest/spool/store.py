@@ -23,6 +23,7 @@ from typing import Protocol
 
 from agent.core import util
 from agent.core.errors import MalformedDicomError, OutOfSpaceError, StorageError, UnsupportedDicomError
+from agent.core.limits import DecodeLimits
 from agent.core.log import log_event
 from agent.core.types import Instance, SpooledSeries
 from agent.ingest.sopclasses import sop_class_name
@@ -31,7 +32,7 @@ from agent.ingest.spool.files import SpoolLayout, makedirs_durable, remove_quiet
 from agent.ingest.spool.header import Header, parse_header, read_header
 from agent.ingest.spool.journal import Journal
 from agent.ingest.spool.pool import Pool, fdatasync, marked, write_all
-from agent.ingest.spool.quarantine import Quarantine
+from agent.ingest.spool.quarantine import Quarantine, QuarantineLimits
 from agent.ingest.spool.sync import BackgroundSync
 
 __all__ = ["DiskUsage", "Spool"]
@@ -64,6 +65,8 @@ class Spool:
     disk. ``pool_size`` empty files are kept ready in ``<root>/.pool``; directories touched by
     stores are fsynced every ``sync_interval_s`` seconds (or after ``sync_every`` renames) by a
     background thread. Call ``close()`` at shutdown to make those renames durable at once.
+    ``decode_limits`` (None: no check) bound what a received instance may inflate or declare
+    (``LimitExceededError``, 0xC212, nothing kept); ``quarantine_limits`` bound the quarantine.
     """
 
     def __init__(
@@ -78,6 +81,8 @@ class Spool:
         pool_size: int = 128,
         sync_interval_s: float = 2.0,
         sync_every: int = 512,
+        decode_limits: DecodeLimits | None = None,
+        quarantine_limits: QuarantineLimits | None = None,
     ) -> None:
         self._layout = SpoolLayout(Path(root).absolute())
         self.root = self._layout.root
@@ -91,7 +96,8 @@ class Spool:
         for d in (self.root, self.tmp_dir, self.pool_dir, self.quarantine_dir):
             makedirs_durable(d, stop_at=Path(d.anchor))
         self._journal = Journal(conn)
-        self._quarantine = Quarantine(self.quarantine_dir, self._journal, clock)
+        self.decode_limits = decode_limits
+        self._quarantine = Quarantine(self.quarantine_dir, self._journal, clock, quarantine_limits)
         self._pool = Pool(self.pool_dir, pool_size)
         self._sync = BackgroundSync(self.pool_dir, self._pool.refill, interval_s=sync_interval_s,
                                     sync_every=sync_every)
@@ -103,6 +109,7 @@ class Spool:
         self._layout.remove_stale_temps()
         self._pool.load()
         self._pool.try_refill()
+        self.prune_quarantine()  # entries aged out while the agent was down
 
     # ------------------------------------------------------------------ storing
 
@@ -205,7 +212,7 @@ class Spool:
 
     def _inspect(self, payload: bytes, sop_classes: Collection[str] | None) -> _Inspection:
         """Header of a received instance, checked against ``sop_classes``, and any journaled copy."""
-        header = parse_header(io.BytesIO(payload))
+        header = parse_header(io.BytesIO(payload), self.decode_limits)
         _check_sop_class(header, sop_classes)
         return header, self._journal.get(header.sop_instance_uid)
 
@@ -270,7 +277,7 @@ class Spool:
     ) -> tuple[Instance, bool]:
         """Parse a durable temp file (store_file), rename it into place, fsync, journal it (or not)."""
         try:
-            header = read_header(tmp)
+            header = read_header(tmp, self.decode_limits)
         except MalformedDicomError as exc:
             raise self._quarantine.take_file(tmp, str(exc), calling_ae=calling_ae) from exc
         except BaseException:
@@ -325,6 +332,14 @@ class Spool:
         """One ``SpooledSeries`` per journaled series (order unspecified): what the assembler
         re-derives its series table from after a crash."""
         return self._journal.series_summary()
+
+    def prune_quarantine(self) -> int:
+        """Delete quarantined entries beyond the quarantine's limits (oldest first, and aged out)."""
+        try:
+            return self._quarantine.prune()
+        except (OSError, sqlite3.Error) as exc:
+            log_event(logger, "quarantine.prune_failed", logging.ERROR, error=repr(exc))
+            return 0
 
     def count(self) -> int:
         """Number of journaled instances."""
