@@ -73,3 +73,10 @@ def test_configuration_reference_is_current() -> None:
     assert doc.read_text().strip() == render_reference().strip(), (
         "docs/configuration.md is stale: python -m agent.core.config > docs/configuration.md"
     )
+
+
+def test_the_fault_injection_variable_is_not_taken_for_a_configuration_key() -> None:
+    cfg = load_config(None, environ={"EDGE_AGENT_FAULT": "hang", "EDGE_AGENT_DEVICE_ID": "room-7"})
+    assert cfg.device_id == "room-7"
+    with pytest.raises(ConfigError, match="faults"):
+        load_config(None, environ={"EDGE_AGENT_FAULTS": "x"})  # a typo is still an error

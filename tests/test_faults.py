@@ -39,9 +39,7 @@ import os, sys
 from agent.core.config import load_config
 from agent.core.log import setup_logging
 from agent.service import Service
-fault = os.environ.pop("EDGE_AGENT_FAULT", "")  # not a configuration key: hidden from load_config
-cfg = load_config(sys.argv[1])
-os.environ["EDGE_AGENT_FAULT"] = fault  # read by the runner at each job
+cfg = load_config(sys.argv[1])  # EDGE_AGENT_FAULT is not a configuration key (NOT_CONFIG_ENV)
 setup_logging(cfg.logging.level, cfg.logging.format)
 sys.exit(Service(cfg, fault_injection=True).run_forever())
 """

@@ -807,6 +807,24 @@ def test_spool_delete_series_removes_rows_files_and_dirs(tmp_path: Path) -> None
     assert spool.delete_series(series) == 0
 
 
+def test_retention_spares_an_instance_stored_after_the_janitor_chose_the_series(tmp_path: Path) -> None:
+    """The janitor reads the newest arrival, forgets the series, then deletes: an instance
+    acknowledged in between keeps its row and its file."""
+    spool = Spool(tmp_path / "spool", tmp_path / "q", connect(tmp_path / "db"), 0)
+    blobs = _ct_bytes(tmp_path, 4)
+    insts = [spool.store_bytes(b)[0] for b in blobs[:3]]
+    series = insts[0].series_uid
+    newest = spool.last_received_at(series)
+    assert newest == max(i.received_at for i in insts)
+    time.sleep(0.01)
+    late = spool.store_bytes(blobs[3])[0]  # acknowledged to the PACS after the janitor's choice
+    assert spool.delete_series(series, received_at_or_before=newest) == 3
+    left = spool.instances_for_series(series)
+    assert [i.sop_instance_uid for i in left] == [late.sop_instance_uid] and late.path.exists()
+    assert all(not i.path.exists() for i in insts)
+    assert spool.last_received_at("1.2.3.unknown") is None
+
+
 def test_series_summary_gives_one_record_per_series_and_reads_safely_during_stores(tmp_path: Path) -> None:
     ticks = iter(range(1000, 1100))
     spool = Spool(tmp_path / "spool", tmp_path / "q", connect(tmp_path / "db"), 0,

@@ -808,3 +808,28 @@ def test_tls_with_client_certificate(
     nocert.start()
     time.sleep(1.5)
     assert not nocert.connected and outbox.count() == 1
+
+
+def test_a_bug_in_the_drain_is_logged_and_the_thread_goes_on(
+    mosquitto: Any, outbox: Outbox, make_pub: Callable[..., MqttPublisher], make_sub: Callable[..., Subscriber],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only one thread sends the outbox: an unexpected exception in it (not a database error) must not
+    end it silently; the message queued before the fault is delivered once the fault is gone."""
+    sub = make_sub(mosquitto.port)
+    pub = make_pub(mosquitto.port)
+    real = outbox.pending
+    failures = {"left": 3}
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("injected bug")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(outbox, "pending", flaky)
+    pub.start()
+    assert wait_until(lambda: pub.connected, 10)
+    pub.publish_result(make_result(1))
+    assert sub.wait(lambda: len(sub.on("/results")) == 1, 20)
+    assert failures["left"] == 0 and pub._thread is not None and pub._thread.is_alive()

@@ -224,6 +224,22 @@ def test_a_series_over_a_size_limit_is_refused_before_decoding(runner: Inference
     assert runner.worker_pid == pid  # a refusal costs the warm worker nothing
 
 
+def test_compressed_pixels_over_the_configured_decode_limit_are_refused(
+    runner: InferenceRunner, env: Env, tmp_path: Path
+) -> None:
+    from pydicom.uid import RLELossless
+    from test_volume import axial_stack, write
+
+    datasets, _ = axial_stack(n=2, shape=(1024, 1024), slope=1.0, intercept=-1024.0)  # 2 MiB per slice
+    for ds in datasets:
+        ds.compress(RLELossless)
+    series = series_of(write(tmp_path, datasets))
+    outcome = runner.submit(seg_job(env, series=series, limits=SeriesLimits(max_decompressed_mb=1,
+                                                                           max_decompression_ratio=100.0)))
+    assert (outcome.kind, outcome.failure, outcome.limit) == ("refused", "input", "dicom.limits.max_decompressed_mb")
+    assert "max_decompressed_mb" in outcome.error
+
+
 def test_out_of_memory_under_the_limit(
     runner: InferenceRunner, env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:

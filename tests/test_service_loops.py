@@ -8,12 +8,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_ingest import ct_series
 
 from agent.assembly import JobStore, SeriesAssembler
 from agent.assembly import jobs as J
 from agent.core import db
 from agent.core.config import Config, PipelineConfig, StorageConfig
+from agent.core.errors import EdgeAgentError
 from agent.core.modelspec import load_spec
 from agent.core.topics import Topics
 from agent.ingest.spool import Spool
@@ -140,3 +142,47 @@ def test_the_service_runs_stages_a_test_built(tmp_path: Path, mosquitto: Any) ->
         assert {s.instances for s in stages.spool.series_summary()} == {2}
     finally:
         service.stop()
+
+
+def test_an_event_whose_write_fails_is_written_by_the_next_drain(tmp_path: Path) -> None:
+    """The assembly loop drains events each tick; a drain that fails (here: a trigger refusing every
+    outbox insert, as a full disk would) must keep the event it took off the queue."""
+    import sqlite3
+
+    from agent.core.events import JobFailed
+
+    r = _rig(tmp_path, [], Clock())
+    blocker = db.connect(tmp_path / "state.db")
+    blocker.execute("CREATE TRIGGER no_rows BEFORE INSERT ON outbox BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    for i in range(3):
+        r["sink"].put(JobFailed(series_uid=f"s{i}", model="m", kind="timeout", attempts=3, error="x").to_event())
+    with pytest.raises((sqlite3.Error, EdgeAgentError)):
+        r["sink"].drain(r["outbox"])
+    assert r["sink"].pending() == 3 and r["outbox"].pending() == []
+    blocker.execute("DROP TRIGGER no_rows")
+    assert r["sink"].drain(r["outbox"]) == 3 and r["sink"].pending() == 0
+    docs = [parse_event(m.payload) for m in r["outbox"].pending()]
+    assert [d["fields"]["series_uid"] for d in docs] == ["s0", "s1", "s2"]
+
+
+def test_the_janitor_ages_out_the_quarantine_even_when_nothing_new_arrives(tmp_path: Path) -> None:
+    import time
+
+    from test_ingest import _broken_file
+
+    from agent.ingest.spool import QuarantineLimits
+    from agent.ingest.spool.quarantine import QuarantinedError
+
+    spool = Spool(tmp_path / "spool", tmp_path / "q", db.connect(tmp_path / "state.db"), 0,
+                  quarantine_limits=QuarantineLimits(max_age_s=0.5))
+    asm = SeriesAssembler(db.connect(tmp_path / "state.db"), [], stable_age_s=1)
+    janitor = Janitor(StorageConfig(dir=tmp_path), spool, asm, JobStore(db.connect(tmp_path / "state.db")))
+    bad = _broken_file(tmp_path / "noseries.dcm", drop=["SeriesInstanceUID"])
+    with pytest.raises(QuarantinedError):
+        spool.store_bytes(bad.read_bytes())
+    assert len(list(spool.quarantine_dir.glob("*.dcm"))) == 1
+    janitor.sweep()  # young: kept
+    assert len(list(spool.quarantine_dir.glob("*.dcm"))) == 1
+    time.sleep(0.6)
+    janitor.sweep()
+    assert list(spool.quarantine_dir.glob("*.dcm")) == []

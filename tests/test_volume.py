@@ -445,6 +445,28 @@ def test_compressed_series_equals_uncompressed(tmp_path: Path, syntax: UID) -> N
     assert vol.meta["transfer_syntax"] == str(syntax)
 
 
+def test_the_worker_applies_the_configured_decode_limit_before_the_codec_runs(tmp_path: Path) -> None:
+    """Compressed pixel data is checked from its declared size against the decode limits the
+    worker was given (``dicom.limits`` through each job's SeriesLimits) before decoding."""
+    from agent.core.errors import LimitExceededError
+    from agent.core.limits import DEFAULT_LIMITS, DecodeLimits
+    from agent.imaging.volume import use_decode_limits
+
+    datasets, _ = axial_stack(n=2, shape=(1024, 1024), slope=1.0, intercept=-1024.0)  # 2 MiB per slice
+    for ds in datasets:
+        ds.compress(RLELossless)
+    paths = write(tmp_path, datasets)
+    assert load_series(paths).array.shape == (2, 1024, 1024)  # the default limits take it
+    try:
+        use_decode_limits(DecodeLimits.from_mb(1, 100.0))
+        with pytest.raises(LimitExceededError, match="max_decompressed_mb") as info:
+            load_series(paths)
+        assert datasets[0].SOPInstanceUID in str(info.value)
+        assert_no_phi(str(info.value))
+    finally:
+        use_decode_limits(DEFAULT_LIMITS)
+
+
 def test_transfer_syntax_without_decoder_is_unsupported() -> None:
     ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.100")  # MPEG2: no decoder

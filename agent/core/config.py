@@ -26,6 +26,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ENV_PREFIX = "EDGE_AGENT_"
+#: variables with the prefix that are not configuration (test-only fault injection: agent/inference/faults.py)
+NOT_CONFIG_ENV = frozenset({"EDGE_AGENT_FAULT"})
 #: pipeline.worker_memory_mb's default (see its description and docs/security.md)
 WORKER_MEMORY_MB_DEFAULT = 8192
 
@@ -477,7 +479,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     value exactly as written (``123456`` stays a string); other fields parse it as a TOML value."""
     out: dict[str, Any] = {}
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX):
+        if not key.startswith(ENV_PREFIX) or key in NOT_CONFIG_ENV:
             continue
         path = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
         node = out

@@ -44,7 +44,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder  # type: ignore[attr-defined]  # public API, not re-exported as such
 
 from agent.core.errors import LimitExceededError, MalformedDicomError, UnsupportedDicomError, VolumeError
-from agent.core.limits import DEFAULT_LIMITS, declared_pixel_bytes
+from agent.core.limits import DEFAULT_LIMITS, DecodeLimits, declared_pixel_bytes
 from agent.core.types import Volume
 
 #: largest absolute difference between direction cosines of frames of one series
@@ -378,11 +378,21 @@ def _decode(series_uid: str, ds: pydicom.Dataset) -> npt.NDArray[Any]:
     return pixels.reshape(n_frames, rows, columns)
 
 
+_decode_limits = DEFAULT_LIMITS
+
+
+def use_decode_limits(limits: DecodeLimits) -> None:
+    """The bound ``_check_declared_size`` applies from now on, in this process (the inference
+    worker sets it from each job's ``SeriesLimits``, i.e. the configured ``dicom.limits``)."""
+    global _decode_limits
+    _decode_limits = limits
+
+
 def _check_declared_size(series_uid: str, sop_uid: str, ds: pydicom.Dataset) -> None:
-    """Refuse, before decoding, pixel data that declares more than ``DEFAULT_LIMITS`` allow (a
-    codec bomb: a small RLE or JPEG stream declaring huge Rows x Columns x Frames); the listener
-    refused such instances on arrival with the configured limits (0xC212), this is the worker's own
-    bound for anything already in the spool."""
+    """Refuse, before decoding, pixel data that declares more than the decode limits allow (a
+    codec bomb: a small RLE or JPEG stream declaring huge Rows x Columns x Frames), raising
+    ``LimitExceededError``; the listener refused such instances on arrival (0xC212), this is the
+    worker's own bound for anything already in the spool."""
     try:
         declared = declared_pixel_bytes(int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames", 1) or 1),
                                         int(ds.BitsAllocated), int(ds.get("SamplesPerPixel", 1) or 1))
@@ -391,9 +401,9 @@ def _check_declared_size(series_uid: str, sop_uid: str, ds: pydicom.Dataset) -> 
     raw = ds.get("PixelData")
     encoded = len(raw) if isinstance(raw, bytes | bytearray) else 0
     try:
-        DEFAULT_LIMITS.check(declared, encoded, "the compressed pixel data")
+        _decode_limits.check(declared, encoded, "the compressed pixel data")
     except LimitExceededError as exc:
-        raise MalformedDicomError(f"series {series_uid}: instance {sop_uid}: {exc}") from exc
+        raise LimitExceededError(f"series {series_uid}: instance {sop_uid}: {exc}") from exc
 
 
 # --- checks and sorting -----------------------------------------------------------------------

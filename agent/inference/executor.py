@@ -30,11 +30,19 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from agent.core.errors import BackendError, DicomError, EdgeAgentError, PreprocessError, VolumeError
+from agent.core.errors import (
+    BackendError,
+    DicomError,
+    EdgeAgentError,
+    LimitExceededError,
+    PreprocessError,
+    VolumeError,
+)
+from agent.core.limits import DecodeLimits
 from agent.core.log import log_event
 from agent.core.modelspec import ModelSpec, load_spec
 from agent.core.types import ModelRef, Volume
-from agent.imaging.volume import load_series
+from agent.imaging.volume import load_series, use_decode_limits
 from agent.inference import catalog, pipeline
 from agent.inference.base import Backend, BackendInfo
 from agent.inference.faults import FaultyBackend, fault_applies
@@ -77,6 +85,9 @@ class Executor:
             over = over_limit([inst.path for inst in job.series.instances], job.limits)
             if over is not None:
                 return JobOutcome("refused", error=over[1], failure="input", limit=over[0])
+            if job.limits.max_decompressed_mb:
+                use_decode_limits(DecodeLimits.from_mb(job.limits.max_decompressed_mb,
+                                                       job.limits.max_decompression_ratio))
         try:
             spec, backend = self._model(job, job)
             info = backend.describe()
@@ -95,6 +106,8 @@ class Executor:
             limit = self.memory_limit_mb or "none"
             why = exc or "allocation failed"
             return JobOutcome("oom", error=f"out of memory (worker limit {limit} MB): {why}")
+        except LimitExceededError as exc:  # a codec bomb, or more than dicom.limits allows
+            return JobOutcome("refused", error=str(exc), failure="input", limit="dicom.limits.max_decompressed_mb")
         except EdgeAgentError as exc:
             if _looks_like_oom(str(exc)):
                 return JobOutcome("oom", error=f"{type(exc).__name__}: {exc}")

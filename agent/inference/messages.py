@@ -60,6 +60,10 @@ class SeriesLimits:
     max_rows: int = 0
     max_columns: int = 0
     max_frames: int = 0
+    #: compressed pixel data (``dicom.limits``; 0: agent.core.limits.DEFAULT_LIMITS), checked per
+    #: instance from its declared size before the codec runs
+    max_decompressed_mb: int = 0
+    max_decompression_ratio: float = 0.0
 
 
 @dataclass(frozen=True)

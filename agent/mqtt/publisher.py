@@ -548,8 +548,14 @@ class MqttPublisher:
             except EdgeAgentError as exc:
                 # Database trouble (locked, disk full): keep the thread alive, try again later.
                 log_event(logger, "mqtt.drain_error", logging.ERROR, error=str(exc))
+                self._last_error = str(exc)
                 with self._cv:
                     self._cv.wait(self._poll_s)
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the only sending thread
+                logger.exception("mqtt.drain_crashed")
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                with self._cv:
+                    self._cv.wait(max(self._poll_s, 1.0))
 
     def _send(self, row: OutboxMessage, gen: int) -> bool:
         """Hand ``row`` to paho; returns False when the drain should stop this round."""

@@ -102,6 +102,7 @@ class EventSink:
         self._limits = limits or EventsConfig()
         self._limiter = RefusalLimiter(self._limits.refusals_per_minute)
         self._queue: queue.Queue[Event] = queue.Queue()
+        self._unwritten: Event | None = None  # taken off the queue, its write failed: first next time
         self._wake: Callable[[], None] = lambda: None
 
     def put(self, event: Event) -> None:
@@ -121,19 +122,29 @@ class EventSink:
         self._wake = wake
 
     def drain(self, outbox: Outbox) -> int:
-        """Write every queued event to the outbox (the assembly thread only); returns how many."""
+        """Write every queued event to the outbox (the assembly thread only); returns how many.
+        An event whose write raises (database locked, disk full) is kept and written first by the
+        next drain: the error propagates to the caller's supervised loop, the event is not lost."""
         summary = self._limiter.flush()
         if summary is not None:
             self._queue.put(summary)
         n = 0
         while True:
-            try:
-                event = self._queue.get_nowait()
-            except queue.Empty:
-                break
+            event = self._unwritten
+            if event is None:
+                try:
+                    event = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                self._unwritten = event
             self.write(outbox, event)
+            self._unwritten = None
             n += 1
         return n
+
+    def pending(self) -> int:
+        """Events reported but not yet in the outbox."""
+        return self._queue.qsize() + (self._unwritten is not None)
 
     def write(self, outbox: Outbox, event: Event) -> None:
         """Write one event to the outbox now (on the draining thread's connection); an unstamped

@@ -8,9 +8,12 @@ or inferred but not yet confirmed sent). Runs on the assembly thread every
 The series row goes first, in one statement that re-checks what the janitor chose it for (still
 closed, completed before the cutoff, no open job: ``SeriesAssembler.forget``); only when that
 statement deleted it do the files go. A series that took a new instance or a new job since it was
-chosen keeps its row and its files. (An instance stored in the spool after that statement and
-before the files are deleted is still at risk: closing that needs the spool's delete to take the
-same cutoff, ``Spool.delete_series``, owned by agent/ingest.)
+chosen keeps its row and its files. An instance stored after the janitor read the series' newest
+arrival time (``Spool.last_received_at``) is spared too: the spool deletes only the rows received
+at or before it, and only their files.
+
+The quarantine's age bound (``quarantine.max_age_days``) is applied here as well, so it holds even
+when nothing new is quarantined for weeks.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Janitor:
             self.sweep()
 
     def sweep(self) -> None:
+        self.spool.prune_quarantine()
         unrouted_cutoff = self.clock() - self.cfg.unrouted_retention_h * 3600
         for uid in self.assembler.expired_unrouted(self.cfg.unrouted_retention_h * 3600):
             self._age_out(uid, "unrouted", unrouted_cutoff)
@@ -53,8 +57,10 @@ class Janitor:
                 self._age_out(uid, "retention", cutoff)
 
     def _age_out(self, series_uid: str, reason: str, cutoff: float) -> None:
+        newest = self.spool.last_received_at(series_uid)  # read before the row goes: see the docstring
         if not self.assembler.forget(series_uid, completed_before=cutoff):
             log_event(log, "spool.age_out_skipped", series_uid=series_uid, reason="changed since chosen")
             return
-        self.spool.delete_series(series_uid)
+        if newest is not None:
+            self.spool.delete_series(series_uid, received_at_or_before=newest)
         log_event(log, "spool.aged_out", series_uid=series_uid, reason=reason)

@@ -74,7 +74,9 @@ class JobLoop:
         self.jobs_ready = jobs_ready
         self.on_result: Callable[[], None] = lambda: None  # the publisher's wake-up, set by the service
         lim = cfg.series_limits
-        self.limits = SeriesLimits(lim.max_instances, lim.max_rows, lim.max_columns, lim.max_frames)
+        dec = cfg.dicom.limits
+        self.limits = SeriesLimits(lim.max_instances, lim.max_rows, lim.max_columns, lim.max_frames,
+                                   dec.max_decompressed_mb, dec.max_decompression_ratio)
         self._job: Job | None = None  # claimed, not finished
         self._unwritten: Callable[[], None] | None = None  # a job's outcome the database has not taken yet
 

@@ -139,15 +139,25 @@ class Journal:
         with self.lock:
             return {r["path"] for r in self.conn.execute("SELECT path FROM instances")}
 
-    def delete_series(self, series_uid: str) -> list[Path]:
-        """Delete a series' rows, committed with a device flush; returns the files they named."""
-        with self.lock:
-            rows = self.conn.execute(
-                "SELECT path FROM instances WHERE series_uid = ?", (series_uid,)
-            ).fetchall()
-            with self._full_sync(), transaction(self.conn) as c:
-                c.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
+    def delete_series(self, series_uid: str, received_at_or_before: float | None = None) -> list[Path]:
+        """Delete a series' rows (only those received at or before ``received_at_or_before`` when
+        given), committed with a device flush; returns the files of the rows deleted."""
+        cond = "series_uid = ?"
+        args: list[object] = [series_uid]
+        if received_at_or_before is not None:
+            cond += " AND received_at <= ?"
+            args.append(received_at_or_before)
+        with self.lock, self._full_sync(), transaction(self.conn) as c:
+            rows = c.execute(f"SELECT path FROM instances WHERE {cond}", args).fetchall()
+            c.execute(f"DELETE FROM instances WHERE {cond}", args)
         return [Path(row["path"]) for row in rows]
+
+    def last_received_at(self, series_uid: str) -> float | None:
+        """When the series' newest journaled instance arrived (None: no instance)."""
+        with self.lock:
+            row = self.conn.execute("SELECT MAX(received_at) FROM instances WHERE series_uid = ?",
+                                    (series_uid,)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     # ------------------------------------------------------------------ quarantine
 

@@ -341,6 +341,10 @@ class Spool:
             log_event(logger, "quarantine.prune_failed", logging.ERROR, error=repr(exc))
             return 0
 
+    def last_received_at(self, series_uid: str) -> float | None:
+        """When the series' newest instance was stored (None: the spool holds none)."""
+        return self._journal.last_received_at(series_uid)
+
     def count(self) -> int:
         """Number of journaled instances."""
         return self._journal.count()
@@ -349,15 +353,17 @@ class Spool:
         """Free space on the spool's filesystem, in MiB."""
         return self._disk_usage(self.root).free / _MB
 
-    def delete_series(self, series_uid: str) -> int:
+    def delete_series(self, series_uid: str, received_at_or_before: float | None = None) -> int:
         """Delete a series' rows and files (retention); returns how many instances were removed.
 
         Rows go first (committed with a flush), then files, so a crash in between leaves
         unreferenced files (harmless, removed with the directory next time) rather than rows
-        pointing at nothing.
+        pointing at nothing. ``received_at_or_before`` (the janitor: ``last_received_at`` read
+        when it chose the series) spares an instance acknowledged after that: its row and its file
+        stay, and the assembler sees a series again.
         """
         with self._journal.lock:
-            paths = self._journal.delete_series(series_uid)
+            paths = self._journal.delete_series(series_uid, received_at_or_before)
             for path in paths:
                 remove_quietly(path)
             for d in {path.parent for path in paths}:
