@@ -413,3 +413,27 @@ def test_a_job_with_drift_edges_returns_the_series_summary(runner: InferenceRunn
                                      drift_edges=edges))
     assert_ok(cls)
     assert cls.summary is not None and cls.summary.predicted_class is not None and cls.summary.entropy is not None
+
+
+def test_on_a_cuda_host_the_worker_watches_its_resident_memory_instead_of_its_address_space() -> None:
+    """CUDA reserves tens of GB of address space, so RLIMIT_AS cannot be the worker's limit there:
+    resident memory past the limit ends the worker with EXIT_MEMORY_LIMIT, which the runner reports
+    as ``oom`` (the input's size, not the model)."""
+    from agent.inference.worker import EXIT_MEMORY_LIMIT
+
+    code = textwrap.dedent("""
+        import resource, time
+        from agent.inference.worker import _limit_memory
+        _limit_memory(150 << 20, cuda=True, every_s=0.02)
+        assert resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY
+        small = bytearray(50 << 20)       # under the limit: nothing happens
+        time.sleep(0.3)
+        print("survived", flush=True)
+        big = bytearray(300 << 20)        # touched pages: resident
+        time.sleep(5)
+        print("not stopped", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == EXIT_MEMORY_LIMIT, proc.stderr
+    assert proc.stdout.split() == ["survived"]
+    assert "worker.memory_limit" in proc.stderr

@@ -142,8 +142,9 @@ class PipelineConfig(_Section):
         description="Memory limit of the inference worker in MB (RLIMIT_AS, its address space; 0: none). The CT "
         "model on a 100 x 512 x 512 series peaked at 1.2 GB of address space (0.6 GB resident) with 2 threads and "
         "2.2 GB with 16 (each thread reserves about 70 MB): the default leaves 3.7x over 16 threads. A job that "
-        "hits it is refused as too large (series.refused), not blamed on the model. GPU backends (CUDA, TensorRT) "
-        "reserve tens of GB of address space: set 0 on a GPU device (docs/gpu.md).",
+        "hits it is refused as too large (series.refused), not blamed on the model. Where a CUDA device is present "
+        "(/dev/nvidiactl, Jetson's /dev/nvhost-ctrl) the driver reserves tens of GB of address space, so the limit "
+        "applies to the worker's resident memory instead (watched every 0.2 s; docs/gpu.md).",
     )
     threads: int = Field(0, ge=0, description="Inference threads (0: all cores).")
     prefetch: bool = Field(

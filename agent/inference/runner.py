@@ -97,7 +97,7 @@ from agent.inference.messages import (
     ValidationOutcome,
     ValidationRequest,
 )
-from agent.inference.worker import exit_reason, kill_worker, spawn_worker
+from agent.inference.worker import EXIT_MEMORY_LIMIT, exit_reason, kill_worker, spawn_worker
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -403,6 +403,9 @@ class InferenceRunner:
             reason = exit_reason(proc)
             log_event(logger, "runner.worker_crashed", logging.ERROR, job_id=label, pid=proc.pid,
                       reason=reason)
+            if proc.exitcode == EXIT_MEMORY_LIMIT:  # its own watch (GPU hosts): as a MemoryError would be
+                return NoReply("oom", f"inference worker over its memory limit ({self.memory_limit_mb} MB, "
+                               "pipeline.worker_memory_mb)", "resource")
             # SIGKILL that we did not send: the kernel's OOM killer (the device's memory, not the model)
             killed = proc.exitcode == -signal.SIGKILL
             return NoReply("crash", f"inference worker died during the job: {reason}",

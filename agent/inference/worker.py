@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING
 
 from agent.core.errors import BackendError
-from agent.core.log import JsonFormatter, setup_logging
+from agent.core.log import JsonFormatter, log_event, setup_logging
 from agent.inference.messages import (
     JobRequest,
     PrefetchRequest,
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
 
     from agent.inference.executor import Executor
+
+logger = logging.getLogger(__name__)
 
 
 # ---- parent side ---------------------------------------------------------------------------------
@@ -153,12 +155,9 @@ def worker_main(
     """Entry point of the worker process: set limits, then answer requests until told to stop."""
     # Ctrl-C in a terminal reaches the whole process group; the parent decides when we stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if memory_limit_mb > 0:
-        import resource
-
-        limit = memory_limit_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     setup_logging(log_level, log_format)
+    if memory_limit_mb > 0:
+        _limit_memory(memory_limit_mb * 1024 * 1024)
     faulthandler.enable()  # a segfault in native code leaves a Python traceback on stderr
     try:
         _watch_parent(parent_pid)
@@ -185,6 +184,44 @@ def worker_main(
             conn.send(ReplyError(f"prediction cannot be returned: {exc}"))
         except OSError:
             return  # the parent is gone
+
+
+#: the worker's exit status when its resident memory passed ``memory_limit_mb`` (GPU hosts)
+EXIT_MEMORY_LIMIT = 75
+#: device nodes whose presence means CUDA may be initialised in this process (desktop/datacentre, Jetson)
+_CUDA_NODES = ("/dev/nvidiactl", "/dev/nvhost-ctrl", "/dev/nvgpu")
+
+
+def _limit_memory(limit: int, *, cuda: bool | None = None, every_s: float = 0.2) -> None:
+    """Cap the worker's memory at ``limit`` bytes. Without CUDA: its address space (RLIMIT_AS), so
+    an allocation past it fails at once as a MemoryError. With CUDA the driver reserves tens of GB
+    of address space at initialisation, which RLIMIT_AS would refuse: resident memory is watched
+    instead, and past the limit the worker exits with ``EXIT_MEMORY_LIMIT`` (the runner reports
+    the job ``oom``, not the model's fault)."""
+    if cuda is None:
+        cuda = any(os.path.exists(node) for node in _CUDA_NODES)
+    if not cuda:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def watch() -> None:
+        while True:
+            try:
+                with open("/proc/self/statm", "rb") as f:
+                    resident = int(f.read().split()[1]) * page
+            except (OSError, ValueError, IndexError):
+                return  # no procfs: nothing to watch with (the service manager's MemoryMax still holds)
+            if resident > limit:
+                log_event(logger, "worker.memory_limit", logging.ERROR, resident_mb=resident >> 20,
+                          limit_mb=limit >> 20)
+                os._exit(EXIT_MEMORY_LIMIT)
+            time.sleep(every_s)
+
+    threading.Thread(target=watch, name="memory-watch", daemon=True).start()
+    log_event(logger, "worker.memory_watch", limit_mb=limit >> 20, reason="CUDA device present: RLIMIT_AS not set")
 
 
 def _answer(
