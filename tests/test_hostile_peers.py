@@ -178,8 +178,9 @@ def _ct_header(rows: int, columns: int, frames: int | None = None) -> pydicom.Da
     return ds
 
 
-def deflate_bomb(folder: Path, inflated: int = 1500 * 2**20) -> Path:
-    """A CT instance in Deflated Explicit VR LE whose ~1.5 MB stream inflates to ~1.5 GB of pixels."""
+def deflate_bomb(folder: Path, inflated: int = 2040 * 2**20) -> Path:
+    """A CT instance in Deflated Explicit VR LE whose ~2 MB stream inflates to ~2 GiB of pixels (the
+    issue's "2 MB deflated bomb")."""
     rows = 32768
     columns = inflated // (rows * 2)
     ds = _ct_header(rows, columns)
