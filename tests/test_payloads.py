@@ -169,6 +169,7 @@ SAMPLES: dict[str, object] = {
                                    SelfTestReport("m", "1.0.0", "fp32", False, "mismatch")),
     "tuple[DataclassInstance, ...]": (SelfTestReport("m", "1.0.0", "fp32", True),),
     "CommandResult": [UpdateOutcome("m", True, "installed", "1.1.0", "1.1.0", "1.0.0", "int8")],
+    "dict[str, int]": {"association.rejected": 4, "dicom.rejected": 1},
 }
 
 
