@@ -389,3 +389,57 @@ def test_refusal_limiter_passes_n_per_minute_and_summarises_the_rest() -> None:
     assert summary.fields["peers"] == {"X@10.0.0.9": 7}
     assert limiter.admit(ev("association.rejected", "r", "X")) == (True, None)  # a new window
     assert "association.rejected" in REFUSAL_KINDS
+
+
+# ------------------------------------------------------------------------- unit: the gate, the caps
+
+def _rq(length: int, body: bytes = b"") -> bytes:
+    return struct.pack(">BBL", 0x01, 0, length) + body
+
+
+@pytest.mark.parametrize(("sent", "close", "expect"), [
+    (_rq(68, bytes(68)), False, None),                      # whole request: let pynetdicom read it
+    (_rq(68, bytes(10)), False, ("timeout", "timeout")),    # slow-loris: header and a few bytes
+    (b"\x01\x00", False, ("timeout", "timeout")),           # not even a whole header
+    (_rq(2**31), False, "pdu_size"),                        # a 2 GB request: refused from its header
+    (struct.pack(">BBL", 0x04, 0, 10) + bytes(10), False, "pdu_type"),  # P-DATA before association
+    (_rq(68, bytes(10)), True, "closed"),                   # the peer went away
+])
+def test_the_gate_waits_for_a_whole_small_request_without_consuming_it(
+    sent: bytes, close: bool, expect: object
+) -> None:
+    from agent.ingest.guard import await_request
+
+    ours, peer = socket.socketpair()
+    try:
+        peer.sendall(sent)
+        if close:
+            peer.close()
+        t0 = time.monotonic()
+        verdict = await_request(ours, time.monotonic() + 0.6, 64 * 1024)
+        if expect is None:
+            assert verdict is None and ours.recv(1024) == sent  # peeked, not read
+        elif isinstance(expect, tuple):
+            assert verdict == expect and 0.5 <= time.monotonic() - t0 < 5
+        else:
+            assert verdict is not None and verdict[1] == expect, verdict
+    finally:
+        ours.close()
+        if not close:
+            peer.close()
+
+
+def test_refusal_rows_are_capped_in_the_outbox_and_results_never_are(tmp_path: Path) -> None:
+    from agent.core import db
+    from agent.mqtt.outbox import Outbox
+
+    outbox = Outbox(db.connect(tmp_path / "state.db"))
+    for i in range(5):
+        outbox.put("edge/d/results", f"r{i}".encode(), qos=1, kind="result", dedup_key=f"r{i}")
+    for i in range(50):
+        outbox.put("edge/d/events", f"x{i}".encode(), qos=1, kind="refusal", max_queued=10)
+    rows = outbox.pending(1000)
+    kinds = [r.kind for r in rows]
+    assert kinds.count("result") == 5 and kinds.count("refusal") == 10
+    assert [r.payload for r in rows if r.kind == "refusal"] == [f"x{i}".encode() for i in range(40, 50)]
+    assert outbox.dropped()["refusal"] == 40

@@ -229,8 +229,20 @@ def await_request(sock: socket.socket, deadline: float, max_request: int, *,
         if len(data) >= need:
             return None
         if len(data) == seen:
+            if _peer_hung_up(sock):  # buffered bytes keep a peek from ever seeing EOF
+                return "closed before the request was complete", "closed"
             time.sleep(min(_POLL_S, max(0.0, deadline - clock())))  # select() stays readable: don't spin
         seen = len(data)
+
+
+def _peer_hung_up(sock: socket.socket) -> bool:
+    """True when the peer has shut down its side (Linux POLLRDHUP; elsewhere: never known early)."""
+    flag = getattr(select, "POLLRDHUP", 0)
+    if not flag:
+        return False
+    poller = select.poll()
+    poller.register(sock, flag)
+    return any(ev & flag for _, ev in poller.poll(0))
 
 
 class GuardedServer(ThreadedAssociationServer):
