@@ -1,6 +1,7 @@
 """``edge-agent``: run the daemon, check configuration, send DICOM, follow results, pull models now,
 list the models with every variant as measured here (``models``), show what this device can run
-(``probe``), watch the whole fleet (``fleet``, agent/cli/fleet.py).
+(``probe``), watch the whole fleet (``fleet``, agent/cli/fleet.py), install the agent as a systemd
+service (``install``, agent/cli/install.py).
 
 ``main(argv)`` takes the command line and returns the exit code. The CLI is the outermost edge: it
 turns domain errors into one clear line on stderr and an exit code (2 for bad input/config, 1 for a
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.cli.fleet import add_fleet_parser  # light: the MQTT client and rich load when it runs
 
     add_fleet_parser(sub)
+    from agent.cli.install import add_install_parser
+
+    add_install_parser(sub)
     return p
 
 

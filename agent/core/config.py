@@ -12,11 +12,12 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
 from agent.core.errors import ConfigError
 
@@ -555,23 +556,25 @@ def render_reference() -> str:
         "",
     ]
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        rows = []
-        nested = []
-        for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                nested.append((name, ann, field.description))
-                continue
-            default = field.get_default(call_default_factory=True)
-            rows.append(f"| `{name}` | `{default!s}` | {field.description or ''} |")
+    for prefix, _model, fields in reference_sections():
+        rows = [f"| `{name}` | `{f.get_default(call_default_factory=True)!s}` | {f.description or ''} |"
+                for name, f in fields]
         title = f"`[{prefix}]`" if prefix else "Top level"
         lines.extend([f"## {title}", "", "| key | default | meaning |", "|---|---|---|", *rows, ""])
-        for name, sub, _desc in nested:
-            walk(sub, f"{prefix}.{name}" if prefix else name)
-
-    walk(Config, "")
     return "\n".join(lines)
+
+
+def reference_sections(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[
+        tuple[str, type[BaseModel], list[tuple[str, FieldInfo]]]]:
+    """Each section (``""`` for the top level, then ``dicom``, ``dicom.tls``, ...) with its own keys, in
+    declaration order: what docs/configuration.md and the installed agent.toml template are made from."""
+    own = [(n, f) for n, f in model.model_fields.items()
+           if not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))]
+    yield prefix, model, own
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from reference_sections(ann, f"{prefix}.{name}" if prefix else name)
 
 
 if __name__ == "__main__":  # pragma: no cover
