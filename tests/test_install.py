@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -146,7 +145,6 @@ def test_config_template_documents_every_key_and_loads() -> None:
     # commented defaults are real TOML: uncommenting every key gives the defaults back
     uncommented = "\n".join(ln[2:] if ln.startswith("# ") and " = " in ln and "(unset)" not in ln else ln
                             for ln in text.splitlines())
-    assert tomllib.loads(uncommented)["dicom"]["port"] == 11112
     assert load_config_text(uncommented).model_dump(exclude={"storage", "models"}) == \
         load_config(None, environ={}).model_dump(exclude={"storage", "models"})
 

@@ -142,6 +142,18 @@ def venv_request(facts: HostFacts, args: argparse.Namespace) -> dict[str, Any]:
             "pip_options": pip_options}
 
 
+def hidden_interpreter(python: str) -> str | None:
+    """The base interpreter a venv made with ``python`` runs, when ProtectHome=yes will hide it from
+    the service (a pyenv or conda Python under /root or /home: the unit fails with 203/EXEC)."""
+    try:
+        out = subprocess.run([python, "-c", "import sys; print(getattr(sys, '_base_executable', sys.executable))"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    real = Path(out).resolve()
+    return str(real) if real.parts[1:2] in (("root",), ("home",)) else None
+
+
 def _run(argv: list[str], what: str) -> None:
     # the installer's own import path must not leak into the new venv's pip (it would see this
     # checkout's metadata as "already installed")
@@ -167,7 +179,8 @@ def _relocate_scripts(bin_dir: Path, built_at: Path, runs_at: Path) -> None:
             script.write_bytes(data.replace(old, new))
 
 
-def install_venv(report: Report, prefix: Path, request: dict[str, Any], previous: dict[str, Any] | None) -> None:
+def install_venv(report: Report, prefix: Path, request: dict[str, Any], previous: dict[str, Any] | None,
+                 python: str) -> None:
     venv = prefix / "venv"
     built = under(report.root, venv)
     entry = built / "bin" / "edge-agent"
@@ -178,7 +191,7 @@ def install_venv(report: Report, prefix: Path, request: dict[str, Any], previous
     if report.dry_run:
         return
     if not (built / "bin" / "python").exists():
-        cmd = [sys.executable, "-m", "venv", *(["--system-site-packages"] if request["system_site_packages"] else [])]
+        cmd = [python, "-m", "venv", *(["--system-site-packages"] if request["system_site_packages"] else [])]
         _run([*cmd, str(built)], f"creating the venv {venv}")
     spec = request["source"] + (f"[{','.join(request['extras'])}]" if request["extras"] else "")
     _run([str(built / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q",
@@ -203,7 +216,7 @@ def do_install(args: argparse.Namespace, facts: HostFacts) -> Report:
     if args.no_venv:
         report.add("skipped (--no-venv)", prefix / "venv")
     else:
-        install_venv(report, prefix, request, (manifest or {}).get("venv"))
+        install_venv(report, prefix, request, (manifest or {}).get("venv"), args.python or sys.executable)
     files = plan_files(facts, prefix=prefix, dicom_port=_dicom_port(root))
     recorded = install_files(report, files)
     # a drop-in a previous install wrote that no longer fits (no GPU now, port moved above 1023)
@@ -300,6 +313,10 @@ def cmd_install(args: argparse.Namespace) -> int:
         print("the service user edge-agent stays (systemd never removes sysusers.d users); then: "
               "systemctl daemon-reload")
     elif not args.dry_run:
+        hidden = None if args.no_venv else hidden_interpreter(args.python or sys.executable)
+        if hidden:
+            print(f"warning: the venv runs {hidden}, which ProtectHome=yes hides from the service "
+                  "(203/EXEC): install with --python /usr/bin/python3", file=sys.stderr)
         print(f"host: {facts.arch}, NVIDIA driver {'yes' if facts.nvidia_driver else 'no'}, "
               f"Jetson {'yes' if facts.jetson else 'no'}; extras: {', '.join(facts.extras()) or 'none'}")
         print("next steps (as root):" if report.changed() else "nothing changed; if the service runs, nothing to do")
@@ -323,6 +340,8 @@ def add_install_parser(sub: Any) -> None:
                         "--pip-option=--find-links=/media/wheels")
     p.add_argument("--system-site-packages", action="store_true",
                    help="let the venv see the system's packages (always on a Jetson: JetPack's TensorRT)")
+    p.add_argument("--python", help="interpreter the venv is made from (default: this one); it must not "
+                   "live under /root or /home, which the unit hides (ProtectHome=yes)")
     p.add_argument("--arch", help="CPU architecture to install for (default: this machine's, e.g. x86_64)")
     p.add_argument("--gpu", choices=["auto", "nvidia", "jetson", "none"], default="auto",
                    help="GPU to install for (default auto: /proc/driver/nvidia/version, Jetson release files)")
