@@ -233,3 +233,15 @@ def test_cuda_under_memory_deny_write_execute(installed: Path, tmp_path: Path) -
     gpu = (root / UNITS / "edge-agent.service.d/gpu.conf").read_text()
     if proc.returncode != 0:
         assert re.search(r"^MemoryDenyWriteExecute=no$", gpu, re.M)
+
+
+def test_the_verify_check_sees_a_broken_unit(installed: Path, tmp_path: Path) -> None:
+    """The silence asserted above means something: one unknown key or a missing entry point is heard."""
+    analyze = systemd_analyze()
+    unit = analysis_copy(installed, tmp_path / "analyze")
+    unit.write_text(unit.read_text().replace("UMask=0077", "UMask=0077\nProtectEverything=yes"))
+    proc = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert "Unknown key 'ProtectEverything'" in proc.stderr
+    unit.write_text(unit.read_text().replace("venv/bin/edge-agent", "venv/bin/edge-agnet"))
+    proc = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert "edge-agnet" in proc.stderr and "not executable" in proc.stderr
