@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from agent.core.errors import ConfigError
+from agent.core.export_config import EXPORT_EXAMPLE, ExportDestination, check_unique_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -419,6 +420,8 @@ class Config(_Section):
     control: ControlConfig = Field(default_factory=ControlConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
     quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
+    export: list[ExportDestination] = Field(
+        default_factory=list, description="DICOM SEG/SR back to a PACS (docs/export.md); none: off.")
 
     @field_validator("device_id")
     @classmethod
@@ -426,6 +429,8 @@ class Config(_Section):
         if not v or any(c in v for c in "/+#") or not v.isprintable():
             raise ValueError("device_id must be non-empty and free of '/', '+', '#'")
         return v
+
+    _export_names = field_validator("export")(check_unique_names)
 
     @property
     def spool_dir(self) -> Path:
@@ -559,18 +564,28 @@ def render_reference() -> str:
         rows = []
         nested = []
         for name, field in model.model_fields.items():
-            ann = field.annotation
+            ann, args = field.annotation, typing.get_args(field.annotation)
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 nested.append((name, ann, field.description))
                 continue
-            default = field.get_default(call_default_factory=True)
-            rows.append(f"| `{name}` | `{default!s}` | {field.description or ''} |")
+            if args and isinstance(args[0], type) and issubclass(args[0], BaseModel):  # [[name]]: a list
+                tables.append((name, args[0], field.description))
+                continue
+            default = "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)!s}`"
+            rows.append(f"| `{name}` | {default} | {field.description or ''} |")
         title = f"`[{prefix}]`" if prefix else "Top level"
+        if prefix.startswith("[") and "." in prefix:  # inside each entry of a list of tables
+            title = f"`{prefix}` (a sub-table of each entry)"
         lines.extend([f"## {title}", "", "| key | default | meaning |", "|---|---|---|", *rows, ""])
         for name, sub, _desc in nested:
             walk(sub, f"{prefix}.{name}" if prefix else name)
 
+    tables: list[tuple[str, type[BaseModel], str | None]] = []
     walk(Config, "")
+    for name, sub, desc in tables:  # lists of tables: one [[name]] per entry, none by default
+        lines.extend([f"## `{name}`: a list of tables", "", f"{desc} One `[[{name}]]` table per entry:", "",
+                      EXPORT_EXAMPLE, ""])
+        walk(sub, f"[{name}]")
     return "\n".join(lines)
 
 
