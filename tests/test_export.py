@@ -297,3 +297,94 @@ def test_dciodvfy_reports_a_broken_object(ct_result, tmp_path: Path) -> None:
     path = tmp_path / "broken.dcm"
     seg.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path)
+
+
+# ---- the queue and the loop, on a real state database ----------------------------------------
+
+
+def _queue_request(req: ExportRequest, revision: int = 1) -> ExportRequest:
+    from dataclasses import replace
+
+    return replace(req, revision=revision)
+
+
+def test_export_rows_commit_or_roll_back_with_the_result(ct_result, tmp_path: Path) -> None:
+    from agent.core import db
+    from agent.export.queue import ExportQueue
+    from agent.mqtt.outbox import Outbox
+
+    req, _ = ct_result
+    conn = db.connect(tmp_path / "state.db")
+    queue, outbox = ExportQueue(conn), Outbox(conn)
+    with pytest.raises(RuntimeError):
+        with db.transaction(conn):
+            outbox.put("edge/d/results", b"{}", qos=1, kind="result", dedup_key="k", in_transaction=True)
+            queue.enqueue(req, [("pacs", "seg"), ("pacs", "sr")], in_transaction=True)
+            raise RuntimeError("crash before the commit")
+    other = db.connect(tmp_path / "state.db")  # another connection sees neither
+    assert other.execute("SELECT COUNT(*) FROM export_items").fetchone()[0] == 0
+    assert outbox.count() == 0
+    with db.transaction(conn):
+        outbox.put("edge/d/results", b"{}", qos=1, kind="result", dedup_key="k", in_transaction=True)
+        queue.enqueue(req, [("pacs", "seg"), ("pacs", "sr")], in_transaction=True)
+    assert other.execute("SELECT COUNT(*) FROM export_items WHERE state = 'queued'").fetchone()[0] == 2
+    assert ExportQueue(other).request(f"{req.result_id}:1") == req
+
+
+def test_a_newer_revision_supersedes_the_queued_one_and_backoff_grows(ct_result, tmp_path: Path) -> None:
+    from agent.core import db
+    from agent.export.queue import DEAD, QUEUED, ExportQueue, backoff_s
+
+    req, _ = ct_result
+    now = [1000.0]
+    queue = ExportQueue(db.connect(tmp_path / "state.db"), clock=lambda: now[0])
+    queue.enqueue(_queue_request(req, 1), [("pacs", "seg")])
+    queue.enqueue(_queue_request(req, 2), [("pacs", "seg")])
+    item = queue.next_due()
+    assert item is not None and item.revision == 2
+    assert queue.items_of(f"{req.result_id}:1") == []  # superseded: never sent over the newer one
+    assert queue.failed(item, "status 0xA700", max_attempts=3, initial_s=10, max_s=100) == QUEUED
+    assert queue.next_due() is None and 5.0 <= queue.seconds_to_next() <= 10.0  # type: ignore[operator]
+    now[0] += 10
+    item = queue.next_due()
+    assert item is not None and item.attempts == 1
+    assert queue.failed(item, "status 0xA700", max_attempts=2, initial_s=10, max_s=100) == DEAD
+    assert queue.next_due() is None and queue.seconds_to_next() is None
+    sample = queue.samples(["pacs"])[0]
+    assert (sample.queued, sample.dead_lettered) == (0, 1)
+    assert [backoff_s(n, 10, 100, rand=lambda: 1.0) for n in (1, 2, 3, 4, 5)] == [10, 20, 40, 80, 100]
+    assert backoff_s(1, 10, 100, rand=lambda: 0.0) == 5
+
+
+def test_the_loop_publishes_a_refusal_and_counts_only_stored_statuses(ct_result, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from agent.core import db
+    from agent.core.config import Config
+    from agent.export.queue import ExportQueue
+    from agent.service.export_loop import ExportLoop
+
+    req, _ = ct_result
+    cfg = Config.model_validate({"storage": {"dir": str(tmp_path / "state")}, "export": [
+        {"name": "pacs", "host": "127.0.0.1", "port": 104, "called_ae": "PACS", "max_attempts": 2}]})
+    queue = ExportQueue(db.connect(tmp_path / "state.db"))
+    events: list = []
+    answers = iter([0xA700, 0xB007, 0x0000])
+    sent: list[str] = []
+
+    def send(dest, calling_ae, path) -> int:  # noqa: ANN001 - the C-STORE peer (tests/test_export_pacs.py has real ones)
+        sent.append(pydicom.dcmread(path, stop_before_pixels=True).Modality)
+        return next(answers)
+
+    loop = ExportLoop(cfg, queue, events.append, send=send)
+    queue.enqueue(req, [("pacs", "seg"), ("pacs", "sr")])
+    loop.step()  # seg: 0xA700 -> stays queued
+    assert [e.kind for e in events] == [] and queue.samples(["pacs"])[0].queued == 2
+    loop.step()  # sr: 0xB007 (a storage warning) -> delivered
+    assert [e.kind for e in events] == ["export.delivered"] and events[0].fields["status"] == 0xB007
+    assert sent == ["SEG", "SR"]
+    queue.enqueue(replace(req, result_id="gone", sources=(str(tmp_path / "gone.dcm"),)), [("pacs", "sr")])
+    loop.step()
+    refused = [e for e in events if e.kind == "export.refused"]
+    assert len(refused) == 1 and "no longer in the spool" in refused[0].fields["reason"]
+    assert queue.samples(["pacs"])[0].refused == 1
