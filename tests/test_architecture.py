@@ -18,7 +18,7 @@ AGENT = REPO / "agent"
 
 # lower layers never import higher ones; within STAGES, no stage imports another
 FOUNDATION = {"core", "imaging", "device"}  # records, config, helpers, numpy imaging, hardware facts
-STAGES = {"ingest", "assembly", "inference", "mqtt", "control", "updates", "drift", "telemetry"}
+STAGES = {"ingest", "assembly", "inference", "mqtt", "control", "updates", "drift", "telemetry", "export"}
 COORDINATORS = {"variants"}  # uses the update store, the inference worker and the device probe
 SERVICE = {"service"}
 ENTRY = {"cli", "__main__", "__init__"}

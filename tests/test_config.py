@@ -67,7 +67,7 @@ def test_unreadable_toml_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_configuration_reference_is_current() -> None:
-    from agent.core.config import render_reference
+    from agent.core.config_reference import render_reference
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert doc.read_text().strip() == render_reference().strip(), (

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from agent.cli.install_files import CONFIG_FILE, render_config_template
-from agent.core.config import load_config, reference_sections
+from agent.core.config import load_config
+from agent.core.config_reference import reference_sections
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = "etc/systemd/system/edge-agent.service"

@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from agent.core.config import reference_sections
+from agent.core.config_reference import reference_sections
 from agent.core.errors import EdgeAgentError
 from agent.device.cpu import normalise_arch
 from agent.device.nvidia import probe_jetson

@@ -12,14 +12,14 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic.fields import FieldInfo
 
 from agent.core.errors import ConfigError
+from agent.core.export_config import ExportDestination, check_unique_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -420,6 +420,8 @@ class Config(_Section):
     control: ControlConfig = Field(default_factory=ControlConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
     quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
+    export: list[ExportDestination] = Field(
+        default_factory=list, description="DICOM SEG/SR back to a PACS (docs/export.md); none: off.")
 
     @field_validator("device_id")
     @classmethod
@@ -427,6 +429,8 @@ class Config(_Section):
         if not v or any(c in v for c in "/+#") or not v.isprintable():
             raise ValueError("device_id must be non-empty and free of '/', '+', '#'")
         return v
+
+    _export_names = field_validator("export")(check_unique_names)
 
     @property
     def spool_dir(self) -> Path:
@@ -545,37 +549,7 @@ def _redacted(loc: tuple[str, ...], value: Any) -> str:
     return repr(value)
 
 
-def render_reference() -> str:
-    """Markdown reference of every key (docs/configuration.md is generated from this)."""
-    lines = [
-        "# Configuration reference",
-        "",
-        "Generated from `agent/core/config.py` (`python -m agent.core.config > docs/configuration.md`); the field",
-        "descriptions there are the one place each key is documented. Every key is optional.",
-        "Environment overrides: `EDGE_AGENT_<SECTION>__<KEY>`, e.g. `EDGE_AGENT_MQTT__PORT=1884`.",
-        "",
-    ]
-
-    for prefix, _model, fields in reference_sections():
-        rows = [f"| `{name}` | `{f.get_default(call_default_factory=True)!s}` | {f.description or ''} |"
-                for name, f in fields]
-        title = f"`[{prefix}]`" if prefix else "Top level"
-        lines.extend([f"## {title}", "", "| key | default | meaning |", "|---|---|---|", *rows, ""])
-    return "\n".join(lines)
-
-
-def reference_sections(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[
-        tuple[str, type[BaseModel], list[tuple[str, FieldInfo]]]]:
-    """Each section (``""`` for the top level, then ``dicom``, ``dicom.tls``, ...) with its own keys, in
-    declaration order: what docs/configuration.md and the installed agent.toml template are made from."""
-    own = [(n, f) for n, f in model.model_fields.items()
-           if not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))]
-    yield prefix, model, own
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            yield from reference_sections(ann, f"{prefix}.{name}" if prefix else name)
-
-
 if __name__ == "__main__":  # pragma: no cover
+    from agent.core.config_reference import render_reference
+
     print(render_reference())

@@ -175,6 +175,24 @@ class MqttSample:
 
 
 @dataclass(frozen=True)
+class ExportQueueSample:
+    """One ``[[export]]`` destination's queue now (agent/export/queue.py): objects waiting (queued,
+    retries included) and the age of the oldest in seconds; dead letters, refusals and deliveries
+    in the state database (ever)."""
+
+    destination: str
+    queued: int
+    oldest_age_s: float
+    delivered: int
+    dead_lettered: int
+    refused: int
+
+    def to_json(self) -> dict[str, object]:
+        return {"destination": self.destination, "queued": self.queued, "oldest_age_s": self.oldest_age_s,
+                "delivered": self.delivered, "dead_lettered": self.dead_lettered, "refused": self.refused}
+
+
+@dataclass(frozen=True)
 class TelemetrySnapshot:
     """One telemetry message. ``seq`` increases by one per message and is kept in the state
     database, so a consumer sees a gap when messages were dropped (outage beyond
@@ -191,6 +209,7 @@ class TelemetrySnapshot:
     pipeline: PipelineSample
     models: tuple[ModelSample, ...] = ()
     mqtt: MqttSample | None = None
+    export: tuple[ExportQueueSample, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         """The wire form (``edge-agent/telemetry/1`` less ``schema`` and ``device_id``)."""
@@ -198,7 +217,7 @@ class TelemetrySnapshot:
             "seq": self.seq, "created_at": iso_utc(self.created_at), "interval_s": self.interval_s,
             "window_s": self.window_s, "uptime_s": self.uptime_s, "host": self.host.to_json(),
             "gpus": [g.to_json() for g in self.host.gpus], "pipeline": self.pipeline.to_json(),
-            "models": [m.to_json() for m in self.models],
+            "models": [m.to_json() for m in self.models], "export": [e.to_json() for e in self.export],
         }
         if self.mqtt is not None:
             doc["mqtt"] = self.mqtt.to_json()

@@ -38,6 +38,7 @@ from agent.core.errors import (
     PreprocessError,
     VolumeError,
 )
+from agent.core.labelmap import save_label_map
 from agent.core.limits import DecodeLimits
 from agent.core.log import log_event
 from agent.core.modelspec import ModelSpec, load_spec
@@ -96,8 +97,10 @@ class Executor:
                 backend = FaultyBackend(backend, fault.partition("@")[0], self.memory_limit_mb)
             paths = [inst.path for inst in job.series.instances]
             volume = self._take_prefetched(paths)
-            run = pipeline.run_model_detailed(paths, spec, backend, ref, want_label_map=False, volume=volume,
-                                              drift_edges=job.drift_edges)
+            run = pipeline.run_model_detailed(paths, spec, backend, ref, want_label_map=job.label_map_path is not None,
+                                              volume=volume, drift_edges=job.drift_edges)
+            if job.label_map_path is not None and run.label_map is not None:
+                _keep_label_map(job.label_map_path, run.label_map)
             if job.shadow is None:
                 return JobOutcome("ok", run.prediction, summary=run.summary)
             return JobOutcome("ok", run.prediction, shadow=self._shadow(job, spec, paths, run.logits, volume),
@@ -310,3 +313,12 @@ def _looks_like_oom(message: str) -> bool:
     'std::bad_alloc'); they are out-of-memory outcomes, not model errors."""
     m = message.lower()
     return "bad_alloc" in m or "bad allocation" in m or "failed to allocate" in m
+
+
+def _keep_label_map(path: Path, label_map: npt.NDArray[np.uint8]) -> None:
+    """Write the label map for the export stage; a failure is logged, not the job's: the export
+    of that result is then refused with its reason (no label map)."""
+    try:
+        save_label_map(path, label_map)
+    except OSError as exc:
+        log_event(logger, "worker.label_map_unwritten", logging.WARNING, error=str(exc))

@@ -78,6 +78,7 @@ class InferenceJob:
     ("" for models.dir). ``shadow``: also run this model file and report agreement (see
     ``agent.inference.runner``). ``drift_edges``: the histogram edges of the version's drift
     reference profile; when set, a successful job also returns the series' ``SeriesSummary``.
+    ``label_map_path``: a segmentation job also writes its label map there before answering (export).
     """
 
     job_id: str
@@ -94,6 +95,8 @@ class InferenceJob:
     shadow: ModelFile | None = None
     drift_edges: DriftEdges | None = None
     limits: SeriesLimits | None = None
+    #: segmentation: write the source-grid label map here (agent/core/labelmap.py) for the export stage
+    label_map_path: Path | None = None
 
 
 @dataclass(frozen=True)

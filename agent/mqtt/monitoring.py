@@ -102,6 +102,15 @@ class TelemetryMqtt(_Strict):
     last_error: str | None
 
 
+class TelemetryExport(_Strict):
+    destination: str
+    queued: int = Field(ge=0, description="objects waiting, retries included")
+    oldest_age_s: float = Field(ge=0)
+    delivered: int = Field(ge=0)
+    dead_lettered: int = Field(ge=0)
+    refused: int = Field(ge=0)
+
+
 class TelemetryMessage(BaseModel):
     """``edge-agent/telemetry/1``: one interval of device health and pipeline figures."""
 
@@ -119,6 +128,7 @@ class TelemetryMessage(BaseModel):
     pipeline: TelemetryPipeline
     models: list[TelemetryModel]
     mqtt: TelemetryMqtt | None = None
+    export: list[TelemetryExport] = Field(default_factory=list)
 
 
 def telemetry_payload(snapshot: TelemetrySnapshot, device_id: str) -> bytes:

@@ -41,12 +41,14 @@ from agent.core.metrics import NO_METRICS, Metrics, Stage
 from agent.core.topics import Topics
 from agent.core.types import ModelRef, Result, Series
 from agent.core.util import iso_utc
+from agent.export.plan import ExportPlan
 from agent.inference.runner import InferenceJob, InferenceRunner, JobOutcome, SeriesLimits
 from agent.ingest.spool import Spool
 from agent.mqtt import payloads
 from agent.service.assembly_loop import PrefetchOffers
 from agent.service.drift_feed import DriftFeed
 from agent.service.event_sink import EventSink
+from agent.service.export_hook import export_request, label_map_path
 from agent.service.stages import JobStages
 from agent.variants import VariantManager
 
@@ -77,6 +79,9 @@ class JobLoop:
         dec = cfg.dicom.limits
         self.limits = SeriesLimits(lim.max_instances, lim.max_rows, lim.max_columns, lim.max_frames,
                                    dec.max_decompressed_mb, dec.max_decompression_ratio)
+        # ---- export (issue 15; agent/service/export_hook.py): rows in the result's transaction
+        self.export_plan = ExportPlan(cfg.export)
+        self.on_export: Callable[[], None] = lambda: None  # the export loop's wake-up, set by the service
         self._job: Job | None = None  # claimed, not finished
         self._unwritten: Callable[[], None] | None = None  # a job's outcome the database has not taken yet
 
@@ -152,8 +157,10 @@ class JobLoop:
         t0 = time.monotonic()
         budget = self.budget_s(series)
 
+        lm_path = label_map_path(self.cfg, job.job_id) if self.export_plan.wants_label_map(job.model_name) else None
+
         def submit(ij: InferenceJob) -> JobOutcome:
-            return self.runner.submit(replace(ij, limits=self.limits), timeout_s=budget)
+            return self.runner.submit(replace(ij, limits=self.limits, label_map_path=lm_path), timeout_s=budget)
 
         # the prediction's model field names what actually produced it (fallback included)
         outcome = self.variants.run_job(job.job_id, series, job.model_name, submit)
@@ -177,6 +184,9 @@ class JobLoop:
         payload = payloads.result_payload(result, patient=_patient(first.path) if allowed else None,
                                           include_patient_identifiers=allowed)
         key = f"{rid}:{job.revision}"
+        targets = self.export_plan.targets(ref.name, pred.task)
+        export = (export_request(self.cfg, self.variants, result, instances, lm_path) if targets and self.db.exports
+                  else None)
 
         def commit() -> None:
             # the outbox row and the job state change commit together: a crash leaves either both
@@ -186,11 +196,15 @@ class JobLoop:
                     self.db.outbox.put(self.topics.results, payload, qos=1, kind="result", dedup_key=key,
                                        in_transaction=True)
                     self.db.jobs.mark(job.job_id, INFERRED, result_key=key, conn=self.db.conn)
+                    if export is not None and self.db.exports is not None:  # same transaction: both or neither
+                        self.db.exports.enqueue(export, targets, in_transaction=True)
             except (sqlite3.Error, StorageError) as exc:
                 # not the model's failure: the prediction is kept and written by the next step
                 log_event(log, "job.result_unwritten", logging.ERROR, job_id=job.job_id, error=str(exc))
                 raise
             try:  # after the commit: nothing here may send the result's write round again
+                if export is not None:
+                    self.on_export()
                 self._inferred(job, ref, timings, pred.timings_ms)
                 if self.drift is not None and outcome.summary is not None:
                     self.drift.series(ref.name, ref.version, outcome.summary)

@@ -45,6 +45,7 @@ from agent.mqtt.publisher import MqttPublisher
 from agent.service.assembly_loop import AssemblyLoop, PrefetchOffers
 from agent.service.drift_feed import DriftFeed
 from agent.service.event_sink import EventSink
+from agent.service.export_loop import ExportLoop
 from agent.service.janitor import Janitor
 from agent.service.job_loop import JobLoop
 from agent.service.stages import Stages, build_stages
@@ -116,6 +117,14 @@ class Service:
         self.telemetry = TelemetryLoop(cfg, self.metrics, s.telemetry_jobs, self.publisher, s.variants,
                                        s.runner, self.exporter)
         self.job_loop.on_result = self.publisher.wake
+        # ---- export (issue 15, docs/export.md): DICOM SEG/SR to [[export]], after the result's commit
+        self.export_loop = ExportLoop(cfg, s.exports, self.events.put) if s.exports is not None else None
+        if self.export_loop is not None:
+            self.job_loop.on_export = self.export_loop.wake.set
+            if s.telemetry_exports is not None:
+                names, queue = [d.name for d in cfg.export], s.telemetry_exports
+                self.telemetry.export_samples = lambda: queue.samples(names)
+        # ---- end export
         self._jobs_ready = jobs_ready
         self.listener = DicomListener(cfg.dicom, s.spool, sop_classes_for(self.specs),
                                       on_instance=self.assembly.instances.put, on_event=self.events.put,
@@ -146,6 +155,8 @@ class Service:
         sup.spawn("assembly", self.assembly.step, self._stop)
         sup.spawn("jobs", self.job_loop.step, self._stop)
         sup.spawn("telemetry", self.telemetry.step, self._stop, critical=False, finally_=self.telemetry.close)
+        if self.export_loop is not None:  # not critical: exports wait in state.db, the data path goes on
+            sup.spawn("export", self.export_loop.step, self._stop, critical=False)
         port = self.listener.start()
         log_event(log, "service.started", version=__version__, device_id=self.cfg.device_id,
                   dicom_port=port, models=",".join(self.models) or "-")
@@ -153,6 +164,8 @@ class Service:
     def stop(self) -> None:
         self._stop.set()
         self._jobs_ready.set()
+        if self.export_loop is not None:
+            self.export_loop.wake.set()
         self.listener.stop()
         self.supervisor.join(timeout=30)
         if self.updater is not None:

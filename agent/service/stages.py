@@ -21,6 +21,7 @@ from agent.core.limits import DecodeLimits
 from agent.core.log import log_event
 from agent.core.types import Event
 from agent.drift import DriftMonitor
+from agent.export.queue import ExportQueue
 from agent.inference.runner import InferenceRunner
 from agent.ingest.spool import QuarantineLimits, Spool
 from agent.mqtt.outbox import Outbox
@@ -38,12 +39,14 @@ class JobStages:
     conn: sqlite3.Connection
     jobs: JobStore
     outbox: Outbox
+    exports: ExportQueue | None = None  # [[export]]: rows written with the result's outbox row
 
 
 @dataclass(frozen=True)
 class Stages:
     """Everything the service wires together. ``jobs``/``outbox`` are the assembly thread's;
-    ``job`` is the job thread's; ``telemetry_jobs`` the telemetry thread's (queue depth)."""
+    ``job`` is the job thread's; ``telemetry_jobs`` the telemetry thread's (queue depth); ``exports``
+    the export thread's."""
 
     spool: Spool
     assembler: SeriesAssembler
@@ -55,6 +58,8 @@ class Stages:
     variants: VariantManager
     telemetry_jobs: JobStore
     drift: DriftMonitor | None  # None: drift.enabled is false
+    exports: ExportQueue | None = None  # the export thread's (None: no [[export]] destination)
+    telemetry_exports: ExportQueue | None = None  # the telemetry thread's (queue depth per destination)
 
 
 def build_stages(cfg: Config, on_event: Callable[[Event], None], *, fault_injection: bool = False) -> Stages:
@@ -96,11 +101,13 @@ def build_stages(cfg: Config, on_event: Callable[[Event], None], *, fault_inject
         # telemetry and drift get a bounded share of the outbox; results and events never drop
         outbox=Outbox(connect(),
                       caps={"telemetry": cfg.telemetry.max_queued, "drift": cfg.drift.max_queued}),
-        job=JobStages(job_conn, JobStore(job_conn), Outbox(job_conn)),
+        job=JobStages(job_conn, JobStore(job_conn), Outbox(job_conn), ExportQueue(job_conn) if cfg.export else None),
         runner=runner,
         store=store,
         variants=variants,
         telemetry_jobs=JobStore(connect()),
         drift=DriftMonitor(connect(), cfg.drift, familywise=cfg.drift.thresholds == "model")
         if cfg.drift.enabled else None,
+        exports=ExportQueue(connect()) if cfg.export else None,
+        telemetry_exports=ExportQueue(connect()) if cfg.export else None,
     )

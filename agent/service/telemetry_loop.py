@@ -12,11 +12,13 @@ tick is logged, published (``loop.stalled``) and tried again with backoff.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from agent.assembly import JobStore
 from agent.assembly import jobs as job_states
 from agent.core.config import Config
 from agent.core.log import log_event
+from agent.core.telemetry import ExportQueueSample
 from agent.inference.runner import InferenceRunner
 from agent.mqtt.publisher import MqttPublisher
 from agent.telemetry import HostSampler, PrometheusExporter, TelemetryCollector, build_snapshot, model_sample
@@ -38,6 +40,8 @@ class TelemetryLoop:
         self.exporter = exporter
         self.sampler: HostSampler | None = None  # built on the thread: NVML is opened there
         self.sent = 0
+        #: each [[export]] destination's queue (set by the service when export is configured)
+        self.export_samples: Callable[[], tuple[ExportQueueSample, ...]] = tuple
 
     def step(self) -> float:
         """One snapshot, then the interval (the supervisor's step; the first call opens the host
@@ -64,7 +68,8 @@ class TelemetryLoop:
         snapshot = build_snapshot(self.collector, self.sampler, seq=outbox.next_seq("telemetry"),
                                   interval_s=self.cfg.telemetry.interval_s, queue_depth=depth,
                                   health=self.publisher.health(), models=models,
-                                  outbox_dropped=outbox.dropped(), worker_pid=self.runner.worker_pid)
+                                  outbox_dropped=outbox.dropped(), worker_pid=self.runner.worker_pid,
+                                  export=self.export_samples())
         self.publisher.publish_telemetry(snapshot, max_queued=self.cfg.telemetry.max_queued)
         if self.exporter is not None:
             self.exporter.update(snapshot)

@@ -123,6 +123,12 @@ def _families(s: TelemetrySnapshot) -> Iterator[Metric]:
         yield _gauge("mqtt_connected", "1 while connected to the broker.", 1.0 if s.mqtt.connected else 0.0)
         yield _gauge("mqtt_status_seq", "Seq of the current connection's status messages.", s.mqtt.status_seq)
         yield _gauge("mqtt_inflight_messages", "Messages sent and not yet acknowledged.", s.mqtt.inflight)
+    yield _labelled("export_queued_objects", "Export objects waiting for a destination (retries included).",
+                    ["destination"], (([e.destination], e.queued) for e in s.export))
+    yield _labelled("export_oldest_age_seconds", "Age of the oldest export object waiting.", ["destination"],
+                    (([e.destination], e.oldest_age_s) for e in s.export))
+    yield _labelled("export_dead_lettered_objects", "Export objects given up after their tries.", ["destination"],
+                    (([e.destination], e.dead_lettered) for e in s.export))
     yield _labelled("model_info", "The variant each model runs (always 1).", ["model", "version", "variant", "backend"],
                     (([m.name, m.version, m.variant, m.backend], 1.0) for m in s.models))
     yield _labelled("model_shadow_agreement_ratio", "Share of shadow runs that agreed with FP32.",

@@ -20,6 +20,7 @@ from agent.core.metrics import COUNTERS, STAGES
 from agent.core.status import ModelSummary, PublisherHealth
 from agent.core.telemetry import (
     CounterValue,
+    ExportQueueSample,
     LatencySummary,
     ModelSample,
     MqttSample,
@@ -80,6 +81,7 @@ def build_snapshot(
     outbox_dropped: Mapping[str, int] | None = None,
     worker_pid: int | None = None,
     now: float | None = None,
+    export: Iterable[ExportQueueSample] = (),
 ) -> TelemetrySnapshot:
     """Close the collector's window and return the snapshot of it (see the module docstring).
 
@@ -87,7 +89,8 @@ def build_snapshot(
     configured interval; ``queue_depth``: jobs pending or running; ``health``:
     ``MqttPublisher.health()`` (None: no publisher, then ``mqtt`` is left out and the outbox figures
     are 0); ``models``: ``model_sample(...)`` per model; ``outbox_dropped``: ``Outbox.dropped()``;
-    ``worker_pid``: the inference worker's pid (its RSS); ``now``: epoch seconds (default now).
+    ``worker_pid``: the inference worker's pid (its RSS); ``now``: epoch seconds (default now);
+    ``export``: each export destination's queue (``ExportQueue.samples``).
     """
     win = collector.take_window()
     host = sampler.sample(worker_pid)
@@ -104,4 +107,5 @@ def build_snapshot(
         pipeline=pipeline_sample(win, queue_depth=queue_depth, health=health, outbox_dropped=outbox_dropped),
         models=tuple(models),
         mqtt=mqtt,
+        export=tuple(export),
     )

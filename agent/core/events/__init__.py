@@ -28,7 +28,7 @@ Fields hold UIDs, names, counts and reasons only: never patient identifiers.
 
 Modules: ``base`` (TypedEvent, field markers), ``reception`` (DICOM, series, jobs), ``updates``
 (model updates), ``engine`` (variant choice), ``drift`` (drift state), ``supervision`` (the daemon's
-loops), ``commands`` (command events and results).
+loops), ``export`` (DICOM objects back to the PACS), ``commands`` (command events and results).
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ from agent.core.events.engine import (
     EngineServingModelsDir,
     EngineShadowDisagreement,
 )
+from agent.core.events.export import ExportDeadLettered, ExportDelivered, ExportRefused
 from agent.core.events.reception import (
     AssociationRejected,
     ConnectionRefused,
@@ -126,6 +127,9 @@ _KINDS: tuple[type[TypedEvent], ...] = (
     CommandCompleted,
     CommandFailed,
     DriftStateChanged,
+    ExportDelivered,
+    ExportDeadLettered,
+    ExportRefused,
 )
 
 #: every event kind the agent publishes: kind -> its class (docs/mqtt.md "Event kinds")
@@ -162,6 +166,9 @@ __all__ = [
     "EngineServingModelsDir",
     "EngineShadowDisagreement",
     "EventsSuppressed",
+    "ExportDeadLettered",
+    "ExportDelivered",
+    "ExportRefused",
     "InstanceQuarantined",
     "JobFailed",
     "LoopFailed",
