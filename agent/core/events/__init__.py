@@ -28,7 +28,7 @@ Fields hold UIDs, names, counts and reasons only: never patient identifiers.
 
 Modules: ``base`` (TypedEvent, field markers), ``reception`` (DICOM, series, jobs), ``updates``
 (model updates), ``engine`` (variant choice), ``drift`` (drift state), ``supervision`` (the daemon's
-loops), ``commands`` (command events and results).
+loops), ``lifecycle`` (configuration reloads), ``commands`` (command events and results).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from agent.core.events.commands import (
     UpdateOutcome,
 )
 from agent.core.events.drift import DriftStateChanged
+from agent.core.events.lifecycle import ConfigReloaded, ConfigReloadFailed
 from agent.core.events.engine import (
     EngineActivated,
     EngineActivationFailed,
@@ -103,6 +104,8 @@ _KINDS: tuple[type[TypedEvent], ...] = (
     LoopStalled,
     LoopRecovered,
     LoopFailed,
+    ConfigReloaded,
+    ConfigReloadFailed,
     ModelUpdated,
     ModelUpdateFailed,
     ModelDowngradeRefused,
@@ -144,6 +147,8 @@ __all__ = [
     "CommandFailed",
     "CommandRejected",
     "CommandResult",
+    "ConfigReloadFailed",
+    "ConfigReloaded",
     "ConnectionRefused",
     "DataclassInstance",
     "DicomRejected",
