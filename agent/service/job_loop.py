@@ -77,6 +77,7 @@ class JobLoop:
         # the service's: set while jobs may be claimed (cleared while models activate and when stopping)
         self.claiming = threading.Event()
         self.claiming.set()
+        self.parked = threading.Event()  # set while it waits for ``claiming`` holding nothing
         self.on_busy: Callable[[float], None] = lambda _s: None  # a heartbeat: "inside a job, up to s seconds"
         lim = cfg.series_limits
         dec = cfg.dicom.limits
@@ -93,8 +94,10 @@ class JobLoop:
             self._unwritten = None
             return 0.0
         if self._job is None and not self.claiming.is_set():  # waiting (not failing): nothing claimed
+            self.parked.set()
             self.claiming.wait(1.0)
             return 0.0
+        self.parked.clear()
         job = self._job or self.db.jobs.claim_next()
         if job is None:
             if not self._prefetch_next():

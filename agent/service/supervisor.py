@@ -114,9 +114,12 @@ class Supervisor:
         self._threads.append(t)
         return t
 
-    def join(self, timeout: float) -> None:
+    def join(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds in all for the loops to end; True when they all did."""
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout=timeout)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
 
     def run(self, name: str, step: Step, stop: threading.Event, *, critical: bool = True) -> None:
         """The supervised loop itself (on the caller's thread); returns when ``stop`` is set or the

@@ -48,7 +48,6 @@ from agent.core.events.commands import (
     UpdateOutcome,
 )
 from agent.core.events.drift import DriftStateChanged
-from agent.core.events.lifecycle import ConfigReloaded, ConfigReloadFailed
 from agent.core.events.engine import (
     EngineActivated,
     EngineActivationFailed,
@@ -64,6 +63,7 @@ from agent.core.events.engine import (
     EngineServingModelsDir,
     EngineShadowDisagreement,
 )
+from agent.core.events.lifecycle import ConfigReloaded, ConfigReloadFailed
 from agent.core.events.reception import (
     AssociationRejected,
     ConnectionRefused,
