@@ -110,7 +110,11 @@ class LifecycleAgent(AgentProcess):
                                      stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
 
     def wait_ready(self, timeout: float = 60.0) -> float:
-        return self.notify.wait("READY", "1", since=self.started_at, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while not self.notify.lines("READY", self.started_at) and time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.log_text()[-3000:]
+            time.sleep(0.1)
+        return self.notify.wait("READY", "1", since=self.started_at, timeout=1)
 
     def terminate(self, timeout: float = 120) -> tuple[int, float]:
         """SIGTERM; (exit status, seconds the stop took)."""
@@ -351,8 +355,8 @@ def test_sigterm_during_inference_releases_the_job_untried_and_its_result_comes_
     ct = write_ct_series(make_ct_phantom(CT_SEED, size=256, slice_thickness=3.0), tmp_path / "ct")
     collector = ResultCollector(mosquitto.port, "edge/+/#")
     agent = LifecycleAgent(tmp_path, mosquitto.port, notify, stable_age_s=1.0,
-                           extra_toml=f"[service]\nstop_timeout_s = {budget}\nstop_job_s = 0\n"
-                                      "[pipeline]\nprefetch = false\n")
+                           extra_toml=f"[service]\nstop_timeout_s = {budget}\nstop_job_s = 0\n")
+    agent.config.write_text(agent.config.read_text().replace("[pipeline]\n", "[pipeline]\nprefetch = false\n"))
     agent.start()
     db = agent.state / "state.db"
     try:
