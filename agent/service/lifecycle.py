@@ -8,7 +8,9 @@
 * every watched supervised loop (assembly, jobs) made a step recently: its heartbeat
   (supervisor.py ``Heartbeats``) is not overdue by more than ``service.watchdog_stall_s``. A loop
   sleeping or idle beats on every round; a job running within its time budget declared itself busy
-  for that budget (job_loop.py ``on_busy``), so a long inference is progress, a wedged thread is not;
+  for that budget (job_loop.py ``on_busy``), and a request in the inference worker within its limit
+  (``InferenceRunner.busy_until``: a self-test of an activation the job path started) counts too,
+  so a long inference is progress, a wedged thread is not;
 * the MQTT drain thread went round recently (``MqttPublisher.last_beat``; it goes round every
   second, connected or not: a broker outage is not a reason to restart).
 
@@ -65,6 +67,7 @@ class WatchedParts:
     heartbeats: Heartbeats
     drain_beat: Callable[[], float]
     clock: Callable[[], float]
+    worker_busy_until: Callable[[], float] = lambda: 0.0  # the inference runner's request deadline
 
 
 class Watchdog:
@@ -87,7 +90,10 @@ class Watchdog:
         out = [] if p.accepting() else ["receiver: the listener's accept thread is not running"]
         if not spool_writable(p.spool_dir):
             out.append(f"receiver: the spool ({p.spool_dir}) takes no new file")
-        out += [f"{name}: no step for over {self.stall_s:g} s" for name in p.heartbeats.overdue(WATCHED_LOOPS, self.stall_s)]
+        overdue = p.heartbeats.overdue(WATCHED_LOOPS, self.stall_s)
+        if "jobs" in overdue and p.worker_busy_until() > p.clock():
+            overdue.remove("jobs")  # inside a worker request (a trial of a job-time activation) within its limit
+        out += [f"{name}: no step for over {self.stall_s:g} s" for name in overdue]
         if p.clock() - p.drain_beat() > self.stall_s:
             out.append(f"mqtt-drain: no round for over {self.stall_s:g} s")
         return out

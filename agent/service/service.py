@@ -147,7 +147,8 @@ class Service:
         self.job_loop.claiming.clear()  # until the models are activated (start())
         self.watchdog = Watchdog(self.notifier, WatchedParts(
             accepting=lambda: self.listener.accepting, spool_dir=cfg.spool_dir / ".tmp", heartbeats=beats,
-            drain_beat=lambda: self.publisher.last_beat, clock=time.monotonic), cfg.service.watchdog_stall_s)
+            drain_beat=lambda: self.publisher.last_beat, clock=time.monotonic,
+            worker_busy_until=lambda: s.runner.busy_until), cfg.service.watchdog_stall_s)
         self.status = StatusLine(self.notifier, self.status_text, cfg.service.status_interval_s)
         self.reloader = ConfigReloader(cfg, self.config_path, ReloadTargets(
             self.listener, s.assembler, s.drift, dict(self.models)), self.events.put)
