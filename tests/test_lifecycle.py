@@ -430,3 +430,36 @@ def test_sighup_applies_a_new_allow_list_to_the_next_association_and_refuses_an_
         rc = agent.stop()
         collector.close()
     assert rc == 0
+
+
+# ------------------------------------------------------------------------------ the parts
+
+
+def test_notifier_is_silent_without_a_socket_and_honours_watchdog_pid(notify: NotifySocket) -> None:
+    from agent.service.notify import Notifier
+
+    assert Notifier({}).send("READY=1") is False  # no NOTIFY_SOCKET: a no-op, no error
+    n = Notifier({"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "4000000"})
+    assert n.watchdog_usec == 4_000_000
+    assert n.ready("line one\nline two") and n.extend_timeout(1.5)
+    notify.wait("EXTEND_TIMEOUT_USEC", "1500000", timeout=5)
+    assert ("STATUS", "line one line two") in [("STATUS", v) for _t, v in notify.lines("STATUS")]
+    assert Notifier({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}).watchdog_usec == 0  # not ours
+    gone = Notifier({"NOTIFY_SOCKET": str(Path(notify.address).parent / "missing.sock")})
+    assert gone.send("READY=1") is False  # logged once, never raised
+    gone.close()
+    n.close()
+
+
+def test_heartbeats_name_the_loops_past_their_due_time() -> None:
+    from agent.service.supervisor import Heartbeats
+
+    now = [100.0]
+    beats = Heartbeats(clock=lambda: now[0])
+    assert beats.overdue(["jobs"], 5) == ["jobs"]  # never seen
+    beats.beat("jobs")
+    beats.busy("assembly", 60)  # e.g. a job within its budget
+    now[0] = 110.0
+    assert beats.overdue(["jobs", "assembly"], 5) == ["jobs"]
+    beats.ended("assembly")
+    assert beats.overdue(["assembly"], 5) == ["assembly"]
