@@ -205,8 +205,19 @@ class Service:
                 self.phase = "ready"
                 self.job_loop.claiming.set()
                 self.status.refresh()
+                self._announce_models()
             log_event(log, "service.models_activated", models=",".join(self.models) or "-",
                       seconds=round(time.monotonic() - t0, 3))
+
+    def _announce_models(self) -> None:
+        """The retained status again, now naming the variants that run (the birth sent while they
+        were activating did not): through the outbox, in order, with the connection's ``seq``."""
+        try:
+            status = payloads.restamp_status(self._birth(), seq=self.publisher.status_seq, state="online")
+            self.publisher.outbox.put(self.topics.status, status, qos=1, retain=True, kind="event")
+            self.publisher.wake()
+        except Exception:  # noqa: BLE001 - the next connect's birth says the same
+            log.exception("service.status_refresh_failed")
 
     def _job_step(self) -> float:
         """The job thread's step; with fault injection, ``wedge-jobs`` blocks it (no heartbeat)."""
