@@ -539,14 +539,15 @@ def test_the_daemon_runs_the_chosen_variant_and_says_so(registry: Registry, tmp_
     try:
         series = registry.series[0]
         assert storescu(agent.dicom_port, [series.instances[0].path]).returncode == 0
-        results.wait_for(1, timeout=90)
-        status.wait_for(1, timeout=10)
+        results.wait_for(1, timeout=90)  # after activation: the status was published again by then
+        status.wait_for(2, timeout=10)
     finally:
         agent.stop()
         results.close()
         status.close()
     doc = parse_result(results.messages[0][1])
-    birth = json.loads(status.messages[0][1])
+    # the newest online status: published again once activation ended
+    birth = [d for d in (json.loads(p) for _t, p in status.messages) if d["state"] == "online"][-1]
     (model,) = [m for m in birth["models"] if m["name"] == MODEL]
     assert model["variant"] in INT8_X86 and model["version"] == "1.0.0", agent.log_text()[-2000:]
     assert doc["model"]["variant"] == model["variant"] and doc["model"]["version"] == "1.0.0"

@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     set_private_umask()  # spool, quarantine, database, outbox, models: the agent's user's only
     cfg = load_config(args.config)
     setup_logging(cfg.logging.level, cfg.logging.format)
-    service = Service(cfg)
+    service = Service(cfg, config_path=args.config)  # re-read on SIGHUP (docs/lifecycle.md)
     return service.run_forever()
 
 

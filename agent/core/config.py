@@ -4,6 +4,8 @@ Defaults work from a checkout with no file at all (spool under ``./var``, models
 broker on loopback). Environment variables override the file: ``EDGE_AGENT_DEVICE_ID=x``,
 ``EDGE_AGENT_MQTT__PORT=1884`` (nested keys joined with ``__``; values parsed as TOML scalars or
 arrays where they parse, strings otherwise). Validating never touches the network or a model.
+
+Kept whole: the one configuration model, every section and its documentation in one place.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ else:  # pragma: no cover
 
 ENV_PREFIX = "EDGE_AGENT_"
 #: variables with the prefix that are not configuration (test-only fault injection: agent/inference/faults.py)
-NOT_CONFIG_ENV = frozenset({"EDGE_AGENT_FAULT"})
+NOT_CONFIG_ENV = frozenset({"EDGE_AGENT_FAULT", "EDGE_AGENT_FAULT_FILE"})
 #: pipeline.worker_memory_mb's default (see its description and docs/security.md)
 WORKER_MEMORY_MB_DEFAULT = 8192
 
@@ -400,6 +402,31 @@ class QuarantineConfig(_Section):
     max_age_days: float = Field(30, gt=0, description="Quarantined instances older than this are deleted.")
 
 
+class ServiceConfig(_Section):
+    """The daemon under a service manager: readiness, watchdog, graceful stop (docs/lifecycle.md)."""
+
+    stop_timeout_s: float = Field(
+        80, gt=0, description="The whole graceful stop (SIGTERM) ends within this; keep it below the unit's "
+        "TimeoutStopSec (90 s in systemd/edge-agent.service). Whatever is unfinished then is kept for the restart.",
+    )
+    stop_associations_s: float = Field(
+        20, ge=0, description="On SIGTERM new associations are rejected (A-ASSOCIATE-RJ, transient) and those open "
+        "may finish for this long; then they are aborted (unacknowledged instances: the peer sends them again).",
+    )
+    stop_job_s: float = Field(
+        30, ge=0, description="The running job may finish for this long on SIGTERM; then it is cancelled and "
+        "returned to pending without counting as an attempt (it runs again after the restart).",
+    )
+    stop_flush_s: float = Field(
+        10, ge=0, description="On SIGTERM the outbox is still sent for this long while the broker answers.",
+    )
+    status_interval_s: float = Field(5, gt=0, description="How often STATUS= (systemctl status) is refreshed.")
+    watchdog_stall_s: float = Field(
+        60, gt=0, description="With WatchdogSec= set, a loop (receiver, jobs, assembly, MQTT) that made no step for "
+        "this long (a job within its time budget counts as one) withholds WATCHDOG=1, so systemd restarts the agent.",
+    )
+
+
 class Config(_Section):
     device_id: str = Field("edge-dev", description="Names this device in topics and results.")
     dicom: DicomConfig = Field(default_factory=DicomConfig)
@@ -422,6 +449,7 @@ class Config(_Section):
     quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
     export: list[ExportDestination] = Field(
         default_factory=list, description="DICOM SEG/SR back to a PACS (docs/export.md); none: off.")
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
 
     @field_validator("device_id")
     @classmethod

@@ -93,6 +93,14 @@ class DriftMonitor:
         self._windows: dict[str, deque[tuple[SeriesSummary, float | None]]] = {}
         self._reports: dict[str, DriftReport] = {}
 
+    def retune(self, familywise: bool) -> None:
+        """Switch ``familywise`` (a reload of ``drift.thresholds``): thresholds are calibrated again
+        when next needed; windows and states are kept."""
+        with self._lock:
+            if familywise != self.familywise:
+                self.familywise = familywise
+                self._calibrations.clear()
+
     # --- references -----------------------------------------------------------------------------
 
     def set_reference(self, model: str, version: str, profile: DriftProfile) -> DriftTransition | None:

@@ -10,6 +10,12 @@ BackendError) or ``disagree`` (the backend returns its class channels in reverse
 plausible, wrong). ``FAULT@TARGET`` limits the fault to jobs whose ``variant``, ``version`` or
 model name is TARGET (``fault_applies``; the shadow FP32 run is never faulted). Without ``fault_injection`` the
 variable is ignored.
+
+Faults of the service around the worker come from a *file*, so a test can start and end them while
+the agent runs: ``EDGE_AGENT_FAULT_FILE`` (``FAULT_FILE_ENV``) names a file whose first word is the
+fault, active while the file exists (``file_fault``; honoured only by ``Service(...,
+fault_injection=True)``): ``slow-activation`` (model activation after READY waits) and
+``wedge-jobs`` (the job thread blocks inside its step, as a deadlock would: no heartbeat).
 """
 
 from __future__ import annotations
@@ -38,6 +44,21 @@ logger = logging.getLogger("agent.inference.runner")
 #: environment variable read by ``submit`` when the runner was built with ``fault_injection=True``
 FAULT_ENV = "EDGE_AGENT_FAULT"
 FAULTS = ("crash", "segv", "hang", "oom", "nan", "raise", "disagree")
+#: environment variable naming the service-level fault file (see the module docstring)
+FAULT_FILE_ENV = "EDGE_AGENT_FAULT_FILE"
+FILE_FAULTS = ("slow-activation", "wedge-jobs")
+
+
+def file_fault(environ: Mapping[str, str] | None = None) -> str:
+    """The fault named in ``$EDGE_AGENT_FAULT_FILE`` while that file exists, else ""."""
+    name = (os.environ if environ is None else environ).get(FAULT_FILE_ENV, "")
+    if not name:
+        return ""
+    try:
+        words = Path(name).read_text().split()
+    except OSError:
+        return ""
+    return words[0] if words and words[0] in FILE_FAULTS else ""
 
 
 def fault_applies(fault: str, job: InferenceJob) -> bool:

@@ -166,6 +166,9 @@ class InferenceRunner:
         self._job_lock = threading.Lock()  # one job at a time
         self._state_lock = threading.Lock()  # guards _proc/_conn against stop() from another thread
         self._stopped = False
+        #: monotonic time by which the request in the worker ends, killed if need be (0: none in flight);
+        #: the service's watchdog counts a thread waiting here as busy, not wedged
+        self.busy_until = 0.0
         if self._fault_injection:
             log_event(
                 logger,
@@ -374,6 +377,13 @@ class InferenceRunner:
     def _exchange(self, msg: Request, timeout_s: float, label: str) -> Reply | NoReply:
         """Send ``msg``, wait up to ``timeout_s`` for the worker's reply and return it; a NoReply
         when there is none (crash, timeout, cancelled). Caller holds ``_job_lock``."""
+        self.busy_until = time.monotonic() + self.start_timeout_s + timeout_s + 2 * self.kill_grace_s + 5.0
+        try:
+            return self._exchange_once(msg, timeout_s, label)
+        finally:
+            self.busy_until = 0.0
+
+    def _exchange_once(self, msg: Request, timeout_s: float, label: str) -> Reply | NoReply:
         sent = self._send(msg)
         if isinstance(sent, NoReply):
             return sent

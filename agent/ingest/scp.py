@@ -27,7 +27,10 @@ status meaning                                                          event (`
 
 Associations are refused with A-ASSOCIATE-RJ (rejected-permanent, service-user) when the called
 AE title is not ours (reason 7) or the calling AE title / address is not in ``allowed_callers``
-(reason 3); an ``association.rejected`` event says which. ``on_instance`` is called once per newly
+(reason 3); an ``association.rejected`` event says which. While the agent stops (``drain``), every new
+association is refused with rejected-transient, service-provider (presentation), temporary congestion
+(2/3/1), so the peer retries later instead of seeing a reset; those already open may finish.
+``set_allowed_callers`` swaps the caller rules for the next association (SIGHUP reload). ``on_instance`` is called once per newly
 stored instance, never for duplicates, in the association's thread: keep it quick (queue work).
 
 Before any of that, ``agent.ingest.guard`` admits a connection to pynetdicom only once its whole
@@ -103,6 +106,8 @@ _IN_MEMORY_MAX = 16 * 1024 * 1024
 _RJ_PERMANENT = 0x01
 _RJ_SERVICE_USER = 0x01
 _RJ_CALLING_AE_NOT_RECOGNISED = 0x03
+# while stopping: rejected-transient, DUL service-provider (presentation), temporary congestion
+_RJ_STOPPING = (0x02, 0x03, 0x01)
 
 
 @dataclass
@@ -125,6 +130,7 @@ class ListenerState:
     max_instance_bytes: int = 2048 * 1024 * 1024
     guard: ConnectionGuard | None = None
     receiving: ReceiveLimiter | None = None
+    draining: bool = False  # stopping: new associations are rejected (transient)
     counts: dict[int, _Counts] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -181,23 +187,32 @@ def handle_requested(event: PynetdicomEvent, state: ListenerState) -> None:
     assoc = event.assoc
     if state.guard is not None:  # the request is whole (TLS connections are counted until now)
         state.guard.release(_raw_socket(assoc))
-    if not state.allowed:
-        return
     request = assoc.requestor.primitive  # the peer's A-ASSOCIATE-RQ, received before this event
     calling = str(request.calling_ae_title or "").strip() if request is not None else ""
     peer = _peer_address(assoc)
-    rules = state.allowed.get(calling)
+    if state.draining:
+        _reject(state, assoc, calling, peer, "the agent is stopping; try again later", _RJ_STOPPING)
+        return
+    allowed = state.allowed  # one read: a reload swaps the whole dict
+    if not allowed:
+        return
+    rules = allowed.get(calling)
     if rules is None:
         reason = "calling AE title not recognised"
     elif _address_allowed(peer, rules):
         return
     else:
         reason = "calling AE title not allowed from this address"
+    _reject(state, assoc, calling, peer, reason, (_RJ_PERMANENT, _RJ_SERVICE_USER, _RJ_CALLING_AE_NOT_RECOGNISED))
+
+
+def _reject(state: ListenerState, assoc: Association, calling: str, peer: str, reason: str,
+            rj: tuple[int, int, int]) -> None:
+    """Report, then send A-ASSOCIATE-RJ (result, source, diagnostic) and wait until it is out."""
     # report first: once the peer has its A-ASSOCIATE-RJ it may already be trying again
     _association_rejected(state, calling_ae=calling, peer=peer, reason=reason,
-                          result=_RJ_PERMANENT, source=_RJ_SERVICE_USER,
-                          diagnostic=_RJ_CALLING_AE_NOT_RECOGNISED)
-    assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SERVICE_USER, _RJ_CALLING_AE_NOT_RECOGNISED)
+                          result=rj[0], source=rj[1], diagnostic=rj[2])
+    assoc.acse.send_reject(*rj)
     # send_reject() only queues the PDU for the DUL thread. After a reject sent from EVT_REQUESTED,
     # pynetdicom skips negotiation and closes the socket at once, usually before the A-ASSOCIATE-RJ
     # is out: the peer sees a dropped connection, not a rejection. kill() waits until the DUL is
@@ -368,6 +383,7 @@ class DicomListener:
         self._ssl_context = server_ssl_context(cfg.tls, handshake_timeout=cfg.acse_timeout_s) if cfg.tls.enabled else None
         self._ae: AE | None = None
         self._server: ThreadedAssociationServer | None = None
+        self._accept: threading.Thread | None = None
         self._chunked = ChunkedReceive(spool.tmp_dir / "recv") if chunked_receive else None
 
     @property
@@ -421,7 +437,8 @@ class DicomListener:
             self._restore_chunked()
             raise ConfigError(f"dicom.port: cannot listen on {cfg.bind}:{cfg.port}: {exc.strerror}") from exc
         guard.start()
-        threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
+        self._accept = threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True)
+        self._accept.start()
         ae._servers.append(server)  # what ae.start_server does, so ae.shutdown() stops it
         self._ae, self._server = ae, server
         if not self.state.allowed:
@@ -431,6 +448,33 @@ class DicomListener:
                   tls=bool(self._ssl_context), sop_classes=len(self.sop_classes),
                   transfer_syntaxes=len(TRANSFER_SYNTAXES), max_associations=cfg.max_associations)
         return self.port
+
+    @property
+    def accepting(self) -> bool:
+        """The accept thread runs (the watchdog's receiver check)."""
+        return self._accept is not None and self._accept.is_alive()
+
+    def open_associations(self) -> int:
+        """Associations established now (C-STOREs may be in progress on them)."""
+        ae = self._ae
+        return 0 if ae is None else sum(1 for a in ae.active_associations if a.is_established)
+
+    def drain(self, timeout_s: float) -> int:
+        """Reject new associations from now on and wait up to ``timeout_s`` for the open ones to end;
+        returns how many are still open (``stop()`` aborts them)."""
+        self.state.draining = True
+        deadline = time.monotonic() + timeout_s
+        while (n := self.open_associations()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return n
+
+    def set_allowed_callers(self, entries: Sequence[str]) -> None:
+        """New caller rules for the next association (one in progress keeps going). ConfigError
+        for an entry that does not parse; then nothing changes."""
+        allowed = parse_allowed_callers(entries)
+        self.state.allowed = allowed
+        if self._ae is not None:
+            self._ae.require_calling_aet = sorted(allowed)
 
     def stop(self) -> None:
         """Stop accepting, abort open associations, close the socket. Idempotent."""

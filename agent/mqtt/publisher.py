@@ -129,6 +129,7 @@ class MqttPublisher:
 
         self._client: mqtt.Client | None = None
         self._thread: threading.Thread | None = None
+        self.last_beat = time.monotonic()  # the drain thread's last round (the service's watchdog reads it)
 
     # ------------------------------------------------------------------------------ public API
 
@@ -525,6 +526,7 @@ class MqttPublisher:
 
     def _drain_loop(self) -> None:
         while True:
+            self.last_beat = time.monotonic()
             with self._cv:
                 now = time.monotonic()
                 if not (self._wake and self._sendable(now)):

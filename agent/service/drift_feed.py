@@ -36,6 +36,7 @@ class DriftFeed:
         self.on_event = on_event
         self.clock = clock
         self._published: dict[str, float] = {}  # model -> clock of its last drift message
+        self.states: dict[str, str] = {}  # model -> its last published drift state (for STATUS=)
 
     def start(self, models: list[str]) -> None:
         """Load each model's reference (so a report exists from the start) and publish it."""
@@ -83,4 +84,5 @@ class DriftFeed:
     def _publish(self, report: DriftReport) -> None:
         outbox = self.publisher.outbox
         self.publisher.publish_drift(report, outbox.next_seq("drift"), max_queued=self.cfg.max_queued)
+        self.states[report.model] = report.state if report.phase != "collecting" else "collecting"
         self._published[report.model] = self.clock()

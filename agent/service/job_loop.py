@@ -16,7 +16,8 @@ claim, a state change or the result's write fails (locked past the busy timeout,
 error), the step raises and is retried with backoff, and what the loop holds survives: a claimed
 job is run again (its attempt not counted twice), a computed result or a failure record is kept
 in memory and written by the next step, before anything else (the job stays ``running`` meanwhile;
-a restart returns it to ``pending``).
+a restart returns it to ``pending``). No job is claimed while ``claiming`` is clear (models still
+activating after start, or the service stopping); ``on_busy`` tells the watchdog how long a job may run.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ class JobLoop:
         self.prefetch = prefetch
         self.jobs_ready = jobs_ready
         self.on_result: Callable[[], None] = lambda: None  # the publisher's wake-up, set by the service
+        # the service's: set while jobs may be claimed (cleared while models activate and when stopping)
+        self.claiming = threading.Event()
+        self.claiming.set()
+        self.parked = threading.Event()  # set while it waits for ``claiming`` holding nothing
+        self.on_busy: Callable[[float], None] = lambda _s: None  # a heartbeat: "inside a job, up to s seconds"
         lim = cfg.series_limits
         dec = cfg.dicom.limits
         self.limits = SeriesLimits(lim.max_instances, lim.max_rows, lim.max_columns, lim.max_frames,
@@ -92,6 +98,11 @@ class JobLoop:
             self._unwritten()  # raises while the database still refuses it
             self._unwritten = None
             return 0.0
+        if self._job is None and not self.claiming.is_set():  # waiting (not failing): nothing claimed
+            self.parked.set()
+            self.claiming.wait(1.0)
+            return 0.0
+        self.parked.clear()
         job = self._job or self.db.jobs.claim_next()
         if job is None:
             if not self._prefetch_next():
@@ -143,6 +154,7 @@ class JobLoop:
             return False
         instances = self.spool.instances_for_series(latest)
         if instances:
+            self.on_busy(self.cfg.pipeline.job_timeout_s)
             self.runner.prefetch([inst.path for inst in instances])
         return True
 
@@ -160,6 +172,7 @@ class JobLoop:
         lm_path = label_map_path(self.cfg, job.job_id) if self.export_plan.wants_label_map(job.model_name) else None
 
         def submit(ij: InferenceJob) -> JobOutcome:
+            self.on_busy(budget + self.runner.kill_grace_s * 2 + 5.0)  # the runner ends it by then
             return self.runner.submit(replace(ij, limits=self.limits, label_map_path=lm_path), timeout_s=budget)
 
         # the prediction's model field names what actually produced it (fallback included)

@@ -18,6 +18,11 @@ What a loop holds across a failed step (an instance notification, a prediction n
 the loop's business: it must keep it and finish it in a later step (see assembly_loop.py and
 job_loop.py). Events go through the event sink, so ``loop.stalled`` for a database stall reaches the
 outbox once the database takes writes again.
+
+Every loop also leaves a heartbeat in ``Supervisor.heartbeats`` at the start of each step, after it
+(succeeded or failed and retried) and before it sleeps, with the time by which the next is due; a
+step that may legitimately run long says so (``Heartbeats.busy``: the job thread, for the job's time
+budget). The watchdog (agent/service/lifecycle.py) pings systemd only while no loop is overdue.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from agent.core.config import SupervisionConfig
 from agent.core.events import LoopFailed, LoopRecovered, LoopStalled
@@ -45,6 +50,32 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+class Heartbeats:
+    """When each loop must show progress again: ``beat(name, quiet_s)`` after progress, with how
+    long the loop may now be quiet (its sleep, or a job's budget); ``overdue(grace_s)`` names the
+    loops that missed that by more than ``grace_s``. Thread-safe (one dict write per beat)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._due: dict[str, float] = {}
+
+    def beat(self, name: str, quiet_s: float = 0.0) -> None:
+        self._due[name] = self.clock() + max(0.0, quiet_s)
+
+    def busy(self, name: str, seconds: float) -> None:
+        """``name`` is inside a step that may take ``seconds`` (a job within its time budget)."""
+        self.beat(name, seconds)
+
+    def ended(self, name: str) -> None:
+        """The loop's thread ended: overdue from now on."""
+        self._due[name] = float("-inf")
+
+    def overdue(self, names: Iterable[str], grace_s: float) -> list[str]:
+        """Those of ``names`` past their due time by more than ``grace_s`` (or never seen)."""
+        now = self.clock()
+        return [n for n in names if now > self._due.get(n, float("-inf")) + grace_s]
+
+
 class Supervisor:
     """Runs loops under the rules of the module docstring. ``fatal`` is set when one gave up;
     ``failure`` says which and why."""
@@ -56,6 +87,7 @@ class Supervisor:
         self.clock = clock
         self.fatal = threading.Event()
         self.failure = ""
+        self.heartbeats = Heartbeats(clock)
         self._threads: list[threading.Thread] = []
 
     def spawn(self, name: str, step: Step, stop: threading.Event, *, critical: bool = True,
@@ -73,6 +105,7 @@ class Supervisor:
             finally:
                 if finally_ is not None:
                     finally_()
+            self.heartbeats.ended(name)
             if not stop.is_set() and not self.fatal.is_set():
                 self._give_up(name, "the loop returned while the service runs", 0.0)
 
@@ -81,9 +114,12 @@ class Supervisor:
         self._threads.append(t)
         return t
 
-    def join(self, timeout: float) -> None:
+    def join(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds in all for the loops to end; True when they all did."""
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout=timeout)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
 
     def run(self, name: str, step: Step, stop: threading.Event, *, critical: bool = True) -> None:
         """The supervised loop itself (on the caller's thread); returns when ``stop`` is set or the
@@ -91,7 +127,9 @@ class Supervisor:
         failing_since: float | None = None
         failures = 0
         delay = self.cfg.retry_initial_s
+        beats = self.heartbeats
         while not stop.is_set():
+            beats.beat(name)
             try:
                 wait = step()
             except Exception as exc:  # noqa: BLE001 - any failure is retried; logged with traceback
@@ -109,7 +147,9 @@ class Supervisor:
                     self._give_up(name, error, stalled)
                     return
                 left = self.cfg.give_up_after_s - stalled if critical else delay
-                stop.wait(min(delay, max(0.0, left) + 0.01))
+                pause = min(delay, max(0.0, left) + 0.01)
+                beats.beat(name, pause)  # failing and retried is alive; giving up is the supervisor's call
+                stop.wait(pause)
                 delay = min(delay * 2, self.cfg.retry_max_s)
                 continue
             if failing_since is not None:
@@ -117,6 +157,7 @@ class Supervisor:
                 log_event(log, "loop.recovered", loop=name, stalled_s=stalled, failures=failures)
                 self.on_event(LoopRecovered(loop=name, stalled_s=stalled, failures=failures).to_event())
                 failing_since, failures, delay = None, 0, self.cfg.retry_initial_s
+            beats.beat(name, wait)
             if wait > 0:
                 stop.wait(wait)
 

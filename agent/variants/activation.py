@@ -116,6 +116,8 @@ class Activator:
                 trials, variant, reason, measured = stored.trials, stored.variant, stored.reason, False
             else:
                 trials = tuple(self.measure(inst))
+                if any(t.error.startswith("cancelled:") for t in trials):  # the agent is stopping
+                    raise ActivationError(f"{model} {version}: activation interrupted by a stop; nothing stored")
                 try:
                     variant, reason = choose(model, version, inst.manifest.fallback, trials,
                                              self.cfg.engines.prefer_margin)

@@ -28,7 +28,8 @@ Fields hold UIDs, names, counts and reasons only: never patient identifiers.
 
 Modules: ``base`` (TypedEvent, field markers), ``reception`` (DICOM, series, jobs), ``updates``
 (model updates), ``engine`` (variant choice), ``drift`` (drift state), ``supervision`` (the daemon's
-loops), ``export`` (DICOM objects back to the PACS), ``commands`` (command events and results).
+loops), ``export`` (DICOM objects back to the PACS), ``lifecycle`` (configuration reloads), ``commands``
+(command events and results).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from agent.core.events.engine import (
     EngineShadowDisagreement,
 )
 from agent.core.events.export import ExportDeadLettered, ExportDelivered, ExportRefused
+from agent.core.events.lifecycle import ConfigReloaded, ConfigReloadFailed
 from agent.core.events.reception import (
     AssociationRejected,
     ConnectionRefused,
@@ -104,6 +106,8 @@ _KINDS: tuple[type[TypedEvent], ...] = (
     LoopStalled,
     LoopRecovered,
     LoopFailed,
+    ConfigReloaded,
+    ConfigReloadFailed,
     ModelUpdated,
     ModelUpdateFailed,
     ModelDowngradeRefused,
@@ -148,6 +152,8 @@ __all__ = [
     "CommandFailed",
     "CommandRejected",
     "CommandResult",
+    "ConfigReloadFailed",
+    "ConfigReloaded",
     "ConnectionRefused",
     "DataclassInstance",
     "DicomRejected",
