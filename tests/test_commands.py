@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from agent.control.commands import Command, CommandDispatcher, CommandRejected, 
 from agent.core import events as typed
 from agent.core.config import MqttConfig, RegistryConfig
 from agent.core.db import connect
-from agent.core.errors import RegistryError
+from agent.core.errors import EdgeAgentError, RegistryError
 from agent.core.events import CommandCompleted, CommandFailed, RollbackOutcome
 from agent.core.status import SelfTestReport
 from agent.core.topics import Topics
@@ -435,3 +436,33 @@ def test_the_service_wires_updates_and_commands(mosquitto: Any, operator: Operat
         assert {r["version"] for r in reports} == {"1.0.0"} and any(r["variant"] == "fp32" for r in reports)
     finally:
         service.stop()
+
+
+def test_the_acceptance_is_always_answered_before_the_outcome(opkey: OperatorKey) -> None:
+    """A command that fails at once on its own lane (rollback of a model with no previous version)
+    must still be answered accepted first: the operator's tooling reads the answers in order."""
+    events: list[Event] = []
+    lock = threading.Lock()
+
+    def record(e: Event) -> None:
+        if e.kind == "command.accepted":
+            time.sleep(0.005)  # a slow event queue widens the window the lane thread could use
+        with lock:
+            events.append(e)
+
+    def refuse(cmd: Command) -> None:
+        raise EdgeAgentError("no previous version to roll back to")
+
+    d = CommandDispatcher(TOPICS, {"rollback": refuse}, record, auth=opkey.auth(DEVICE), max_pending=64,
+                          max_pending_per_command=64, urgent=("rollback",))
+    d.start()
+    topic = f"{TOPICS.base}/cmd/rollback"
+    try:
+        for i in range(40):
+            d(topic, opkey.sign("rollback", f"r{i}", device=DEVICE, model="m"))
+        assert wait_until(lambda: sum(e.kind == "command.failed" for e in events) == 40, 10)
+    finally:
+        d.stop()
+    for i in range(40):
+        assert [e.kind for e in events if e.fields["correlation_id"] == f"r{i}"] == [
+            "command.accepted", "command.failed"], i

@@ -107,11 +107,13 @@ class CommandDispatcher:
             cmd = self.auth.admit(self.topics, topic, payload, frozenset(self.handlers))
             self._check_followed(cmd)
             with self._lock:
-                self._enqueue(cmd)
+                lane = self._admit(cmd)
+                # answered before the command can run, so its answers always follow the acceptance
+                self._emit(events.CommandAccepted(command=cmd.name, correlation_id=cmd.correlation_id,
+                                                  model=cmd.model))
+                lane.put_nowait(cmd)
         except CommandRejected as exc:
             self._reject(topic, str(exc), exc.correlation_id, exc.code)
-            return
-        self._emit(events.CommandAccepted(command=cmd.name, correlation_id=cmd.correlation_id, model=cmd.model))
 
     def _check_followed(self, cmd: Command) -> None:
         if cmd.model is None or self._followed is None:
@@ -121,9 +123,9 @@ class CommandDispatcher:
             raise CommandRejected(f"model {cmd.model!r} is not one this device follows "
                                   f"({', '.join(sorted(followed)) or 'none'})", cmd.correlation_id, "model_not_followed")
 
-    def _enqueue(self, cmd: Command) -> None:
+    def _admit(self, cmd: Command) -> queue.Queue[Command | None]:
         """Under the lock: refuse a replay, a duplicate id or a full queue (nothing recorded then);
-        else record the nonce (durably) and the id, and queue the command."""
+        else record the nonce (durably) and the id; returns the lane to queue the command on."""
         cid = cmd.correlation_id
         if self.auth.seen(cmd):
             raise CommandRejected("replay: this signed command (its nonce) was already received", cid, "replay")
@@ -137,7 +139,7 @@ class CommandDispatcher:
         while len(self._seen) > SEEN_IDS:
             self._seen.popitem(last=False)
         self._pending[cmd.name] += 1
-        self._lanes["urgent" if cmd.name in self._urgent else "main"].put_nowait(cmd)
+        return self._lanes["urgent" if cmd.name in self._urgent else "main"]
 
     def _reject(self, topic: str, reason: str, cid: str | None, code: RejectCode) -> None:
         name = topic.rsplit("/", 1)[-1]
