@@ -833,3 +833,28 @@ def test_a_bug_in_the_drain_is_logged_and_the_thread_goes_on(
     pub.publish_result(make_result(1))
     assert sub.wait(lambda: len(sub.on("/results")) == 1, 20)
     assert failures["left"] == 0 and pub._thread is not None and pub._thread.is_alive()
+
+
+def test_the_offline_status_at_stop_names_the_models_that_ran(
+    mosquitto: Any, outbox: Outbox, make_sub: Callable[..., Subscriber],
+) -> None:
+    """Models are activated after the connect (READY comes first): the clean-stop status must name
+    what ran by then, not what the birth at connect time said."""
+    models = [ModelRef("ct-abdomen-seg", "1.0.0")]
+
+    def current() -> bytes:
+        return status_payload(device_id=DEVICE, version="0.1.0", started_at=1714564800.0,
+                              capabilities={"backends": ["onnxruntime"]}, models=list(models))
+
+    sub = make_sub(mosquitto.port)
+    cfg = MqttConfig(host="127.0.0.1", port=mosquitto.port, topic_prefix=PREFIX)
+    pub = MqttPublisher(cfg, DEVICE, outbox, birth=current, reconnect_delay_s=(0.1, 0.5), poll_interval_s=0.2)
+    pub.start()
+    try:
+        assert wait_until(lambda: pub.connected, 10)
+        models.append(ModelRef("mr-brain-cls", "1.1.0", "ov-int8"))  # activated after the birth
+    finally:
+        pub.stop(timeout=5)
+    assert sub.wait(lambda: parse_status(sub.on("/status")[-1].payload)["state"] == "offline", 5)
+    offline = parse_status(sub.on("/status")[-1].payload)
+    assert [m["name"] for m in offline["models"]] == ["ct-abdomen-seg", "mr-brain-cls"]

@@ -270,7 +270,7 @@ class MqttPublisher:
             connected, seq, birth = self._connected, self._status_seq, self._birth_bytes
         if connected and birth is not None:
             try:
-                payload = restamp_status(birth, seq=seq, state="offline", reason="shutdown")
+                payload = restamp_status(self._birth(), seq=seq, state="offline", reason="shutdown")  # models now
                 info = client.publish(self.topics.status, payload, qos=1, retain=True)
                 self._register(info.mid, None, self._gen)
                 info.wait_for_publish(max(0.1, deadline - time.monotonic()))
