@@ -39,6 +39,12 @@ class ModelSpecError(EdgeAgentError):
     """A model.toml does not validate."""
 
 
+#: C-STORE statuses that mean the peer stored the object: Success and the storage warnings of
+#: PS3.4 B.2.3 (0xB000 coercion, 0xB006 elements discarded, 0xB007 data set does not match the SOP
+#: class). Any other status is a failure (both our SCUs: ``edge-agent send`` and the export).
+STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
+
 class DicomError(EdgeAgentError):
     """A DICOM object cannot be accepted."""
 

@@ -4,7 +4,7 @@
 the object's SOP class in Explicit and Implicit VR Little Endian, sends it and returns the
 destination's status. Only Success (0x0000) and the storage warnings the standard defines
 (0xB000 coercion of data elements, 0xB006 elements discarded, 0xB007 data set does not match the
-SOP class) count as stored (``STORED``); anything else (0xA700 out of resources, 0xA900, 0xC000...)
+SOP class) count as stored (``agent.core.errors.STORED_STATUSES``); anything else (0xA700 out of resources, 0xA900, 0xC000...)
 is a failure that stays queued. An association that is rejected, aborted or times out raises
 ``SendError``.
 """
@@ -20,9 +20,6 @@ from pynetdicom import AE
 
 from agent.core.errors import EdgeAgentError
 from agent.core.export_config import ExportDestination
-
-#: statuses that mean the destination stored the object (PS3.4 B.2.3)
-STORED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 
 
 class SendError(EdgeAgentError):

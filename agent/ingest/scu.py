@@ -21,7 +21,7 @@ from pydicom.filereader import read_partial
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
-from agent.core.errors import DicomError
+from agent.core.errors import STORED_STATUSES, DicomError
 from agent.core.log import log_event
 from agent.ingest.spool.header import raw_str
 
@@ -35,8 +35,6 @@ MAX_CONTEXTS = 128
 # _config.STORE_SEND_CHUNKED_DATASET is process-wide: one send at a time flips it on and back.
 _CHUNKED_LOCK = threading.Lock()
 
-# Success, and the storage warnings (coercion, elements discarded, data set mismatch): stored.
-_STORED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 
 
 @dataclass(frozen=True)
@@ -108,7 +106,7 @@ def send_files(
         finally:
             _config.STORE_SEND_CHUNKED_DATASET = saved
 
-    sent = sum(1 for s in statuses.values() if s in _STORED)
+    sent = sum(1 for s in statuses.values() if s in STORED_STATUSES)
     report = SendReport(
         sent=sent,
         failed=len(statuses) - sent,
@@ -169,7 +167,7 @@ def _send_batch(
             statuses[path] = int(status) if status is not None else None
             if status is None:
                 errors[path] = "no response (timeout or association aborted)"
-            elif int(status) not in _STORED:
+            elif int(status) not in STORED_STATUSES:
                 errors[path] = f"peer answered 0x{int(status):04X}"
     finally:
         if assoc.is_established:

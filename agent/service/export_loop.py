@@ -30,6 +30,7 @@ from pathlib import Path
 import pydicom
 
 from agent.core.config import Config
+from agent.core.errors import STORED_STATUSES
 from agent.core.events import ExportDeadLettered, ExportDelivered, ExportRefused
 from agent.core.export_config import ExportDestination
 from agent.core.log import log_event
@@ -37,7 +38,7 @@ from agent.core.types import Event
 from agent.core.util import unlink_quietly
 from agent.export import ExportRequest, ObjectRefusedError, build_objects, write_object
 from agent.export.queue import QUEUED, ExportItem, ExportQueue
-from agent.export.sender import STORED, SendError, store
+from agent.export.sender import SendError, store
 from agent.service.export_hook import export_dir
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class ExportLoop:
         t0 = time.monotonic()
         try:
             status: int | None = self.send(dest, dest.calling_ae or self.cfg.dicom.ae_title, path)
-            error = "" if status in STORED else f"C-STORE status 0x{status:04X}"
+            error = "" if status in STORED_STATUSES else f"C-STORE status 0x{status:04X}"
         except (SendError, OSError) as exc:
             status, error = None, str(exc)
         ms = round((time.monotonic() - t0) * 1000, 1)
